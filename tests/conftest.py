@@ -1,0 +1,127 @@
+"""Shared fixtures: a real dev kernel in a child process, fault proxies, event recorders.
+
+Every kernel and proxy a test makes is killed/closed at teardown, pass or fail. When a
+test fails, the stderr of each of its kernels is attached to the failure report.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+
+# Imported now, not lazily by hypothesis' pytest plugin at the end of the run: CPython
+# 3.11.7 can fail with "AST constructor recursion depth mismatch" (gh-106905) when
+# pytest rewrites a module on the main thread while other threads are still running.
+import hypothesis  # noqa: F401
+import pytest
+
+from tests.harness import EventRecorder, FaultProxy, KernelProcess
+
+_KERNELS = pytest.StashKey[list[KernelProcess]]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    report = yield
+    if report.failed and report.when in ("setup", "call"):
+        report.sections.append(("threads at failure", _thread_stacks()))
+        for kernel in item.stash.get(_KERNELS, []):
+            report.sections.append(
+                (f"kernel {kernel.address} stderr", kernel.stderr_text() or "(empty)")
+            )
+            if kernel.stdout_noise:
+                report.sections.append(
+                    (f"kernel {kernel.address} unexpected stdout", "\n".join(kernel.stdout_noise))
+                )
+    return report
+
+
+def _thread_stacks() -> str:
+    frames = sys._current_frames()
+    parts = []
+    for thread in threading.enumerate():
+        frame = frames.get(thread.ident or -1)
+        stack = "".join(traceback.format_stack(frame)) if frame is not None else ""
+        parts.append(f"--- {thread.name} (daemon={thread.daemon})\n{stack}")
+    return "\n".join(parts)
+
+
+def _track(request: pytest.FixtureRequest, kernel: KernelProcess) -> None:
+    request.node.stash.setdefault(_KERNELS, []).append(kernel)
+
+
+def _close_all(closers: Sequence[Callable[[], None]]) -> None:
+    """Run every closer even if some fail; re-raise the first failure."""
+    first: BaseException | None = None
+    for close in closers:
+        try:
+            close()
+        except BaseException as exc:
+            first = first or exc
+    if first is not None:
+        raise first
+
+
+@pytest.fixture
+def kernel(request: pytest.FixtureRequest) -> Iterator[KernelProcess]:
+    """A started dev kernel on a free loopback port (keep-alive every 1 s), killed after."""
+    proc = KernelProcess()
+    _track(request, proc)
+    try:
+        proc.start()
+        yield proc
+    finally:
+        proc.close()
+
+
+@pytest.fixture
+def kernel_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., KernelProcess]]:
+    """``make(port=None, keepalive_interval=1.0, extra_args=(), *, start=True, timeout=15)``.
+
+    Every kernel made is killed at teardown.
+    """
+    made: list[KernelProcess] = []
+
+    def make(
+        port: int | None = None,
+        keepalive_interval: float | None = 1.0,
+        extra_args: Sequence[str] = (),
+        *,
+        start: bool = True,
+        timeout: float = 15.0,
+        **kwargs: object,
+    ) -> KernelProcess:
+        proc = KernelProcess(port, keepalive_interval, extra_args, **kwargs)  # type: ignore[arg-type]
+        made.append(proc)
+        _track(request, proc)
+        if start:
+            proc.start(timeout)
+        return proc
+
+    yield make
+    _close_all([proc.close for proc in made])
+
+
+@pytest.fixture
+def proxy_factory() -> Iterator[Callable[..., FaultProxy]]:
+    """``make(upstream_host, upstream_port, listen_host="127.0.0.1", **kwargs)``: a started
+    ``FaultProxy`` in pass-through. Every proxy made is closed at teardown."""
+    made: list[FaultProxy] = []
+
+    def make(
+        upstream_host: str, upstream_port: int, listen_host: str = "127.0.0.1", **kwargs: object
+    ) -> FaultProxy:
+        proxy = FaultProxy(upstream_host, upstream_port, listen_host, **kwargs)  # type: ignore[arg-type]
+        made.append(proxy)
+        return proxy.start()
+
+    yield make
+    _close_all([proxy.close for proxy in made])
+
+
+@pytest.fixture
+def recorder() -> EventRecorder:
+    """A fresh ``EventRecorder``."""
+    return EventRecorder()

@@ -1,0 +1,250 @@
+"""Validated, frozen configuration values: the reconnect policy and the connection config."""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import backoff
+
+from .connection_string import ConnectionString
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    import grpc
+
+    from .connection import Connection
+
+__all__ = [
+    "ConnectionConfig",
+    "LivenessMode",
+    "ReconnectPolicy",
+]
+
+GrpcOptions = tuple[tuple[str, Any], ...]
+
+
+class LivenessMode(str, enum.Enum):
+    """How a connection notices that its server is gone (DESIGN.md section 3).
+
+    ``TRANSPORT``: the channel's own connectivity only. ``KEEPALIVE``: the Chronicle
+    kernel's ``Connect`` keep-alive stream. ``HEALTH``: a ``grpc.health.v1`` Watch.
+    ``AUTO``: keep-alive if the server implements it, else health, else transport.
+    """
+
+    AUTO = "auto"
+    KEEPALIVE = "keepalive"
+    HEALTH = "health"
+    TRANSPORT = "transport"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _number(option: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError(
+            f"{option} must be a number of seconds, not {type(value).__name__}", option=option
+        )
+    if math.isnan(value) or math.isinf(value):
+        raise ConfigurationError(f"{option} must be finite, got {value!r}", option=option)
+    return float(value)
+
+
+def _positive(option: str, value: object) -> float:
+    number = _number(option, value)
+    if number <= 0:
+        raise ConfigurationError(f"{option} must be > 0 seconds, got {value!r}", option=option)
+    return number
+
+
+@dataclass(frozen=True)
+class ReconnectPolicy:
+    """When to dial again after a failed attempt: capped exponential backoff with jitter.
+
+    The n-th delay (n from 0) is ``min(base_delay * multiplier ** n, max_delay)``,
+    then moved by a random fraction of itself in ``[-jitter, +jitter]``.
+
+    Attributes:
+        retry_attempts: how many times to retry after a failed first attempt before
+            giving up (state FAILED); ``None`` retries forever. ``0`` makes one attempt.
+        base_delay: the first delay, seconds (> 0).
+        max_delay: the largest delay before jitter, seconds (>= base_delay).
+        multiplier: growth factor per attempt (>= 1).
+        jitter: the random spread as a fraction of the delay (0..1).
+    """
+
+    retry_attempts: int | None = 5
+    base_delay: float = 1.0
+    max_delay: float = 10.0
+    multiplier: float = 2.0
+    jitter: float = 0.1
+
+    def __post_init__(self) -> None:
+        attempts = self.retry_attempts
+        if attempts is not None and (
+            isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0
+        ):
+            raise ConfigurationError(
+                f"retry_attempts must be None (retry forever) or an int >= 0, got {attempts!r}",
+                option="retry_attempts",
+            )
+        base = _positive("reconnect_base_delay", self.base_delay)
+        top = _positive("reconnect_max_delay", self.max_delay)
+        if top < base:
+            raise ConfigurationError(
+                f"reconnect_max_delay ({top:g}) must be >= reconnect_base_delay ({base:g})",
+                option="reconnect_max_delay",
+            )
+        multiplier = _number("reconnect_multiplier", self.multiplier)
+        if multiplier < 1:
+            raise ConfigurationError(
+                f"reconnect_multiplier must be >= 1, got {multiplier:g}",
+                option="reconnect_multiplier",
+            )
+        jitter = _number("reconnect_jitter", self.jitter)
+        if not 0 <= jitter <= 1:
+            raise ConfigurationError(
+                f"reconnect_jitter must be in 0..1 (a fraction of the delay), got {jitter:g}",
+                option="reconnect_jitter",
+            )
+
+    @property
+    def max_attempts(self) -> int | None:
+        """Attempts in one budget (the first plus the retries), or None for no bound."""
+        return None if self.retry_attempts is None else self.retry_attempts + 1
+
+    def delays(self, rng: random.Random | None = None) -> Iterator[float]:
+        """Yield the delays of one budget, forever (the caller counts the attempts).
+
+        The schedule comes from ``backoff.expo``; jitter is applied here as a fraction of
+        each delay. Thread-safe to call; the iterator itself belongs to one thread.
+        """
+        rand = rng or random.Random()
+        schedule = backoff.expo(
+            base=self.multiplier, factor=self.base_delay, max_value=self.max_delay
+        )
+        next(schedule)  # backoff's generators are primed with one bare next()
+        for value in schedule:
+            spread = value * self.jitter
+            yield max(0.0, value + rand.uniform(-spread, spread))
+
+
+@dataclass(frozen=True)
+class ConnectionConfig:
+    """Everything a :class:`~chronicle_conn.Connection` was configured with, validated.
+
+    Built by ``Connection(...)`` from its keyword options; ``conn.get_channel()``
+    returns it. Vary it with :func:`dataclasses.replace` (which validates again).
+
+    Attributes:
+        connection_string: where and how to connect.
+        grpc_options: extra channel arguments, applied after the library's own.
+        policy: the reconnect policy.
+        auto_connect: start dialing at construction (else stay IDLE until ``connect()``).
+        name: registry name, if any.
+        liveness: how loss is detected (see :class:`LivenessMode`).
+        attempt_timeout: bound on one attempt against a host that never answers.
+        keepalive_stale_after: no keep-alive for this long means the connection is lost.
+        max_channel_age: replace the channel after this long (None: never).
+        drain_timeout: how long a replaced channel keeps serving calls already started.
+        close_timeout: bound on joining the supervisor in ``close()``.
+        connect_fun: ``(target, options) -> grpc.Channel``, replaces channel creation.
+        disconnect_fun: ``(channel) -> None``, replaces ``channel.close()``.
+        on_retries_exhausted: ``(connection) -> None``, called when the budget runs out.
+        logger: a structlog-style logger to use instead of the module's.
+    """
+
+    connection_string: ConnectionString
+    grpc_options: GrpcOptions = ()
+    policy: ReconnectPolicy = field(default_factory=ReconnectPolicy)
+    auto_connect: bool = True
+    name: str | None = None
+    liveness: LivenessMode = LivenessMode.AUTO
+    attempt_timeout: float = 5.0
+    keepalive_stale_after: float = 5.0
+    max_channel_age: float | None = None
+    drain_timeout: float = 1.0
+    close_timeout: float = 5.0
+    connect_fun: Callable[[str, Sequence[tuple[str, Any]]], grpc.Channel] | None = field(
+        default=None, compare=False, repr=False
+    )
+    disconnect_fun: Callable[[grpc.Channel], None] | None = field(
+        default=None, compare=False, repr=False
+    )
+    on_retries_exhausted: Callable[[Connection], None] | None = field(
+        default=None, compare=False, repr=False
+    )
+    logger: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.connection_string, ConnectionString):
+            raise ConfigurationError(
+                "connection_string must be a ConnectionString "
+                f"(got {type(self.connection_string).__name__})",
+                option="connection_string",
+            )
+        if not isinstance(self.policy, ReconnectPolicy):
+            raise ConfigurationError("policy must be a ReconnectPolicy", option="policy")
+        object.__setattr__(self, "grpc_options", _grpc_options(self.grpc_options))
+        try:
+            object.__setattr__(self, "liveness", LivenessMode(self.liveness))
+        except ValueError:
+            valid = ", ".join(m.value for m in LivenessMode)
+            raise ConfigurationError(
+                f"liveness must be one of {valid}; got {self.liveness!r}", option="liveness"
+            ) from None
+        if not isinstance(self.auto_connect, bool):
+            raise ConfigurationError("auto_connect must be a bool", option="auto_connect")
+        if self.name is not None and (not isinstance(self.name, str) or not self.name.strip()):
+            raise ConfigurationError("name must be a non-empty str or None", option="name")
+        for option in ("attempt_timeout", "keepalive_stale_after", "close_timeout"):
+            _positive(option, getattr(self, option))
+        if self.max_channel_age is not None:
+            _positive("max_channel_age", self.max_channel_age)
+        if _number("drain_timeout", self.drain_timeout) < 0:
+            raise ConfigurationError(
+                f"drain_timeout must be >= 0 seconds, got {self.drain_timeout!r}",
+                option="drain_timeout",
+            )
+        for option in ("connect_fun", "disconnect_fun", "on_retries_exhausted"):
+            value = getattr(self, option)
+            if value is not None and not callable(value):
+                raise ConfigurationError(f"{option} must be callable or None", option=option)
+        self._check_files()
+
+    def _check_files(self) -> None:
+        cs = self.connection_string
+        for key, path in (
+            ("caPath", cs.ca_path),
+            ("certificatePath", cs.certificate_path),
+            ("keyPath", cs.key_path),
+        ):
+            if path is not None and not os.path.isfile(path):
+                raise ConfigurationError(
+                    f"{key} {path!r} does not exist or is not a file", option=key
+                )
+
+
+def _grpc_options(options: object) -> GrpcOptions:
+    if isinstance(options, dict):
+        options = tuple(options.items())
+    if isinstance(options, (str, bytes)) or not isinstance(options, (tuple, list)):
+        raise ConfigurationError(
+            "grpc_options must be a sequence of (name, value) pairs or a dict",
+            option="grpc_options",
+        )
+    result: list[tuple[str, Any]] = []
+    for item in options:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            raise ConfigurationError(
+                f"grpc_options entries must be (str, value) pairs, got {item!r}",
+                option="grpc_options",
+            )
+        result.append((item[0], item[1]))
+    return tuple(result)

@@ -1,0 +1,100 @@
+"""Connection states, the table of allowed transitions, and the values that report them."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+__all__ = [
+    "ALLOWED_TRANSITIONS",
+    "ConnectionState",
+    "ConnectionStats",
+    "StateChange",
+    "is_allowed",
+]
+
+
+class ConnectionState(enum.Enum):
+    """The life cycle of a :class:`~chronicle_conn.Connection`.
+
+    ``IDLE``: created with ``auto_connect=False``, or in a child after ``fork()``.
+    ``CONNECTING``: the first attempts of a budget. ``CONNECTED``: a channel is ready.
+    ``RECONNECTING``: the connection was lost (or ``reconnect()`` was called) and the
+    supervisor is dialing again. ``FAILED``: a bounded retry budget ran out; the next
+    ``connect()`` re-arms it. ``CLOSED``: terminal.
+    """
+
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    FAILED = "failed"
+    CLOSED = "closed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_S = ConnectionState
+
+#: Every transition the supervisor may make. ``X -> IDLE`` happens only in a child
+#: process after ``fork()``; ``X -> CLOSED`` only through ``close()``.
+ALLOWED_TRANSITIONS: dict[ConnectionState, frozenset[ConnectionState]] = {
+    _S.IDLE: frozenset({_S.CONNECTING, _S.CLOSED}),
+    _S.CONNECTING: frozenset({_S.CONNECTED, _S.FAILED, _S.IDLE, _S.CLOSED}),
+    _S.CONNECTED: frozenset({_S.RECONNECTING, _S.IDLE, _S.CLOSED}),
+    _S.RECONNECTING: frozenset({_S.CONNECTED, _S.FAILED, _S.IDLE, _S.CLOSED}),
+    _S.FAILED: frozenset({_S.CONNECTING, _S.IDLE, _S.CLOSED}),
+    _S.CLOSED: frozenset(),
+}
+
+
+def is_allowed(old: ConnectionState, new: ConnectionState) -> bool:
+    """Return whether ``old -> new`` is in :data:`ALLOWED_TRANSITIONS`."""
+    return new in ALLOWED_TRANSITIONS[old]
+
+
+@dataclass(frozen=True)
+class StateChange:
+    """One transition, as delivered to listeners.
+
+    Attributes:
+        old: the state before.
+        new: the state after.
+        at: ``time.time()`` of the transition (wall clock, for display and logs).
+        attempt: the attempt number within the current budget (0 when not dialing).
+        delay: the delay in seconds before the next attempt, when one is scheduled.
+        error: a short, redacted description of the cause, if any.
+        generation: the channel generation current after the transition.
+    """
+
+    old: ConnectionState
+    new: ConnectionState
+    at: float
+    attempt: int = 0
+    delay: float | None = None
+    error: str | None = None
+    generation: int = 0
+
+
+@dataclass(frozen=True)
+class ConnectionStats:
+    """A consistent snapshot of a connection's counters (see ``Connection.stats()``).
+
+    Nothing in it is secret: the target and the last error are redacted.
+    """
+
+    name: str | None
+    target: str
+    state: ConnectionState
+    since: float
+    connects: int
+    disconnects: int
+    attempts: int
+    failed_attempts: int
+    last_error: str | None
+    current_delay: float | None
+    keepalives_received: int
+    generation: int
+    liveness: str
+    waiters: int

@@ -1,0 +1,440 @@
+"""``ManagedChannel``: the stable ``grpc.Channel`` a connection hands out.
+
+Stubs are built on it once (at import time, before a fork, before an outage) and stay
+valid for the life of the connection: each call goes to the connection's *current*
+underlying channel (its "generation"). The inner multicallable is cached per generation,
+so the per-call cost is two attribute reads and an identity check.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from .errors import ConnectionClosedError, ConnectTimeoutError, RetriesExhaustedError
+from .states import ConnectionState, StateChange
+
+if TYPE_CHECKING:
+    from ._supervisor import Generation
+    from .connection import Connection
+
+__all__ = ["ManagedChannel", "UnavailableError"]
+
+# grpc's multicallables are generic only in the type stubs.
+if TYPE_CHECKING:
+    _UnaryUnaryBase = grpc.UnaryUnaryMultiCallable[Any, Any]
+    _UnaryStreamBase = grpc.UnaryStreamMultiCallable[Any, Any]
+    _StreamUnaryBase = grpc.StreamUnaryMultiCallable[Any, Any]
+    _StreamStreamBase = grpc.StreamStreamMultiCallable[Any, Any]
+else:
+    _UnaryUnaryBase = grpc.UnaryUnaryMultiCallable
+    _UnaryStreamBase = grpc.UnaryStreamMultiCallable
+    _StreamUnaryBase = grpc.StreamUnaryMultiCallable
+    _StreamStreamBase = grpc.StreamStreamMultiCallable
+
+_S = ConnectionState
+_CONNECTIVITY = {
+    _S.IDLE: grpc.ChannelConnectivity.IDLE,
+    _S.CONNECTING: grpc.ChannelConnectivity.CONNECTING,
+    _S.CONNECTED: grpc.ChannelConnectivity.READY,
+    _S.RECONNECTING: grpc.ChannelConnectivity.CONNECTING,
+    _S.FAILED: grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+    _S.CLOSED: grpc.ChannelConnectivity.SHUTDOWN,
+}
+
+
+class UnavailableError(grpc.RpcError, grpc.Call):
+    """The ``grpc.RpcError`` a call through a ``ManagedChannel`` raises when the
+    connection cannot take it: ``UNAVAILABLE`` (not connected, fail-fast; closed; retries
+    exhausted) or ``DEADLINE_EXCEEDED`` (a ``wait_for_ready`` call's deadline passed while
+    waiting for the connection). It quacks like the error gRPC itself raises."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def initial_metadata(self) -> tuple[()]:
+        return ()
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> float:
+        return 0.0
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        return f"<{type(self).__name__} {self._code.name}: {self._details}>"
+
+
+class _MultiCallable:
+    """Dispatches to the current generation's multicallable (cached per generation)."""
+
+    __slots__ = ("_cache", "_conn", "_kind", "_method", "_registered", "_req", "_resp")
+
+    def __init__(
+        self,
+        conn: Connection,
+        kind: str,
+        method: str,
+        request_serializer: Any,
+        response_deserializer: Any,
+        registered: bool,
+    ) -> None:
+        self._conn = conn
+        self._kind = kind
+        self._method = method
+        self._req = request_serializer
+        self._resp = response_deserializer
+        self._registered = registered
+        self._cache: tuple[object, Any] = (None, None)
+
+    def _inner(self, gen: Generation) -> Any:
+        cache = self._cache
+        if cache[0] is gen:
+            return cache[1]
+        inner = getattr(gen.channel, self._kind)(
+            self._method, self._req, self._resp, _registered_method=self._registered
+        )
+        # One tuple, replaced whole: a racing thread sees an old or a new pair, never a mix.
+        self._cache = (gen, inner)
+        return inner
+
+    def _target(self, timeout: float | None, wait_for_ready: bool | None) -> tuple[Any, Any]:
+        gen = self._conn._supervisor.current
+        if gen is not None:
+            return self._inner(gen), timeout
+        return self._wait(timeout, wait_for_ready)
+
+    def _wait(self, timeout: float | None, wait_for_ready: bool | None) -> tuple[Any, Any]:
+        conn = self._conn
+        if not wait_for_ready:
+            conn._demand_fail_fast()
+            raise UnavailableError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"chronicle_conn: not connected (state {conn.state.value}; "
+                f"last error: {conn._supervisor.last_error})",
+            )
+        clock = conn._clock
+        deadline = None if timeout is None else clock() + timeout
+        try:
+            gen = conn._wait_generation(deadline)
+        except ConnectTimeoutError:
+            raise UnavailableError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "chronicle_conn: deadline exceeded while waiting for the connection",
+            ) from None
+        except (RetriesExhaustedError, ConnectionClosedError) as exc:
+            raise UnavailableError(grpc.StatusCode.UNAVAILABLE, f"chronicle_conn: {exc}") from exc
+        if deadline is not None:
+            timeout = max(0.0, deadline - clock())
+        return self._inner(gen), timeout
+
+
+class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
+    __slots__ = ()
+
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        inner, timeout = self._target(timeout, wait_for_ready)
+        return inner(
+            request,
+            timeout=timeout,
+            metadata=metadata,
+            credentials=credentials,
+            wait_for_ready=wait_for_ready,
+            compression=compression,
+        )
+
+    def with_call(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        inner, timeout = self._target(timeout, wait_for_ready)
+        return inner.with_call(
+            request,
+            timeout=timeout,
+            metadata=metadata,
+            credentials=credentials,
+            wait_for_ready=wait_for_ready,
+            compression=compression,
+        )
+
+    def future(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        inner, timeout = self._target(timeout, wait_for_ready)
+        return inner.future(
+            request,
+            timeout=timeout,
+            metadata=metadata,
+            credentials=credentials,
+            wait_for_ready=wait_for_ready,
+            compression=compression,
+        )
+
+
+class _UnaryStream(_MultiCallable, _UnaryStreamBase):
+    __slots__ = ()
+
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        inner, timeout = self._target(timeout, wait_for_ready)
+        return inner(
+            request,
+            timeout=timeout,
+            metadata=metadata,
+            credentials=credentials,
+            wait_for_ready=wait_for_ready,
+            compression=compression,
+        )
+
+
+class _StreamUnary(_MultiCallable, _StreamUnaryBase):
+    __slots__ = ()
+
+    def __call__(
+        self,
+        request_iterator: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        inner, timeout = self._target(timeout, wait_for_ready)
+        return inner(
+            request_iterator,
+            timeout=timeout,
+            metadata=metadata,
+            credentials=credentials,
+            wait_for_ready=wait_for_ready,
+            compression=compression,
+        )
+
+    def with_call(
+        self,
+        request_iterator: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        inner, timeout = self._target(timeout, wait_for_ready)
+        return inner.with_call(
+            request_iterator,
+            timeout=timeout,
+            metadata=metadata,
+            credentials=credentials,
+            wait_for_ready=wait_for_ready,
+            compression=compression,
+        )
+
+    def future(
+        self,
+        request_iterator: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        inner, timeout = self._target(timeout, wait_for_ready)
+        return inner.future(
+            request_iterator,
+            timeout=timeout,
+            metadata=metadata,
+            credentials=credentials,
+            wait_for_ready=wait_for_ready,
+            compression=compression,
+        )
+
+
+class _StreamStream(_MultiCallable, _StreamStreamBase):
+    __slots__ = ()
+
+    def __call__(
+        self,
+        request_iterator: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        inner, timeout = self._target(timeout, wait_for_ready)
+        return inner(
+            request_iterator,
+            timeout=timeout,
+            metadata=metadata,
+            credentials=credentials,
+            wait_for_ready=wait_for_ready,
+            compression=compression,
+        )
+
+
+class ManagedChannel(grpc.Channel):
+    """The connection's stable ``grpc.Channel`` (what ``conn.channel()`` returns).
+
+    - Calls go to the current underlying channel; stubs made once keep working across
+      reconnects, ``reconnect()``, a maximum channel age and ``fork()``.
+    - ``wait_for_ready=True`` calls first wait (within their own ``timeout``) for the
+      connection, re-arming it if it had given up; fail-fast calls made while it is not
+      connected raise :class:`UnavailableError` (``UNAVAILABLE``) at once. A
+      ``wait_for_ready`` call that has to wait blocks in the call itself, also for
+      ``future()`` and streaming calls.
+    - ``subscribe()`` reports the *connection's* state as ``grpc.ChannelConnectivity``
+      (CONNECTED is READY, FAILED is TRANSIENT_FAILURE, CLOSED is SHUTDOWN), so
+      ``grpc.channel_ready_future(conn.channel())`` works. The first report is made
+      synchronously, in ``subscribe()``.
+    - ``close()`` does nothing: the channel belongs to the shared connection, which
+      ``Connection.close()`` closes.
+
+    Thread-safe.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+        self._subscriptions: dict[Callable[[grpc.ChannelConnectivity], None], Any] = {}
+
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool = False,
+    ) -> grpc.UnaryUnaryMultiCallable[Any, Any]:
+        return _UnaryUnary(
+            self._conn,
+            "unary_unary",
+            method,
+            request_serializer,
+            response_deserializer,
+            _registered_method,
+        )
+
+    def unary_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool = False,
+    ) -> grpc.UnaryStreamMultiCallable[Any, Any]:
+        return _UnaryStream(
+            self._conn,
+            "unary_stream",
+            method,
+            request_serializer,
+            response_deserializer,
+            _registered_method,
+        )
+
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool = False,
+    ) -> grpc.StreamUnaryMultiCallable[Any, Any]:
+        return _StreamUnary(
+            self._conn,
+            "stream_unary",
+            method,
+            request_serializer,
+            response_deserializer,
+            _registered_method,
+        )
+
+    def stream_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool = False,
+    ) -> grpc.StreamStreamMultiCallable[Any, Any]:
+        return _StreamStream(
+            self._conn,
+            "stream_stream",
+            method,
+            request_serializer,
+            response_deserializer,
+            _registered_method,
+        )
+
+    def subscribe(
+        self, callback: Callable[[grpc.ChannelConnectivity], None], try_to_connect: bool = False
+    ) -> None:
+        def listener(change: StateChange) -> None:
+            callback(_CONNECTIVITY[change.new])
+
+        with self._lock:
+            if callback in self._subscriptions:
+                return
+            self._subscriptions[callback] = listener
+        self._conn.add_listener(listener)
+        if try_to_connect:
+            self._conn._demand_fail_fast()
+        callback(_CONNECTIVITY[self._conn.state])
+
+    def unsubscribe(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
+        with self._lock:
+            listener = self._subscriptions.pop(callback, None)
+        if listener is not None:
+            self._conn.remove_listener(listener)
+
+    def close(self) -> None:
+        """Does nothing: close the shared connection with ``Connection.close()``."""
+
+    def __enter__(self) -> ManagedChannel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"<ManagedChannel of {self._conn!r}>"

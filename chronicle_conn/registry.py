@@ -1,0 +1,92 @@
+"""A process-wide registry of named connections (``Connection(name=...)``)."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+from .errors import DuplicateNameError, UnknownNameError
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+__all__ = ["ConnectionRegistry", "registry"]
+
+
+class ConnectionRegistry:
+    """Named connections. Thread-safe; ``close_all()`` closes outside the lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._connections: dict[str, Connection] = {}  # guarded by _lock
+
+    def add(self, name: str, conn: Connection) -> None:
+        """Register ``conn`` as ``name``.
+
+        Raises:
+            DuplicateNameError: ``name`` is already taken.
+        """
+        with self._lock:
+            if name in self._connections:
+                raise DuplicateNameError(
+                    f"a connection named {name!r} is already registered", name=name
+                )
+            self._connections[name] = conn
+
+    def get(self, name: str) -> Connection:
+        """Return the connection registered as ``name``.
+
+        Raises:
+            UnknownNameError: nothing is registered under ``name``.
+        """
+        with self._lock:
+            conn = self._connections.get(name)
+            known = sorted(self._connections)
+        if conn is None:
+            raise UnknownNameError(
+                f"no connection named {name!r} (registered: {', '.join(known) or 'none'})",
+                name=name,
+            )
+        return conn
+
+    def remove(self, name: str) -> Connection:
+        """Unregister ``name`` (without closing it) and return the connection.
+
+        Raises:
+            UnknownNameError: nothing is registered under ``name``.
+        """
+        with self._lock:
+            conn = self._connections.pop(name, None)
+        if conn is None:
+            raise UnknownNameError(f"no connection named {name!r}", name=name)
+        return conn
+
+    def _discard(self, name: str, conn: Connection) -> None:
+        with self._lock:
+            if self._connections.get(name) is conn:
+                del self._connections[name]
+
+    def names(self) -> list[str]:
+        """The registered names, sorted."""
+        with self._lock:
+            return sorted(self._connections)
+
+    def close_all(self) -> None:
+        """Close and unregister every connection (each ``close()`` runs off the lock)."""
+        with self._lock:
+            connections = list(self._connections.values())
+            self._connections.clear()
+        for conn in connections:
+            conn.close()
+
+    def __contains__(self, name: object) -> bool:
+        with self._lock:
+            return name in self._connections
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._connections)
+
+
+#: The default registry that ``Connection(name=...)`` registers in.
+registry = ConnectionRegistry()

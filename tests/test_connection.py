@@ -1,0 +1,657 @@
+"""The connection manager against real servers: the dev kernel in a child process (SIGKILL,
+restart), the in-process dev kernel, the fault proxy and plain gRPC servers."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+from google.protobuf import empty_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+import chronicle_conn as cc
+from chronicle_conn._proto import host_pb2_grpc
+from chronicle_conn.devserver import DevServer
+from chronicle_conn.states import ALLOWED_TRANSITIONS
+from tests.harness.ports import free_port
+from tests.harness.recorder import EventRecorder
+
+S = cc.ConnectionState
+
+FAST = {
+    "reconnect_base_delay": 0.1,
+    "reconnect_max_delay": 0.5,
+    "attempt_timeout": 3.0,
+    "keepalive_stale_after": 1.5,
+}
+
+
+def plaintext(address: str) -> str:
+    return f"chronicle://{address}?disableTls=true"
+
+
+def became(state: cc.ConnectionState) -> Callable[[cc.StateChange], bool]:
+    return lambda change: change.new is state
+
+
+class ChannelLedger:
+    """``connect_fun``/``disconnect_fun`` that count: every channel built must be closed."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open: dict[int, str] = {}
+        self.built = 0
+
+    def connect(self, target: str, options: object) -> grpc.Channel:
+        channel = grpc.insecure_channel(target, options=options)  # type: ignore[arg-type]
+        with self.lock:
+            self.built += 1
+            self.open[id(channel)] = target
+        return channel
+
+    def disconnect(self, channel: grpc.Channel) -> None:
+        with self.lock:
+            assert self.open.pop(id(channel), None) is not None, "closed twice or unknown"
+        channel.close()
+
+
+@pytest.fixture
+def make_conn() -> Iterator[Callable[..., cc.Connection]]:
+    """Connections made here are closed at teardown; they must leave no thread behind and
+    must have closed every channel they built."""
+    made: list[tuple[cc.Connection, ChannelLedger]] = []
+
+    def make(*args: object, **kwargs: object) -> cc.Connection:
+        ledger = ChannelLedger()
+        kwargs.setdefault("connect_fun", ledger.connect)
+        kwargs.setdefault("disconnect_fun", ledger.disconnect)
+        conn = cc.Connection(*args, **kwargs)  # type: ignore[arg-type]
+        made.append((conn, ledger))
+        return conn
+
+    yield make
+    for conn, _ in made:
+        conn.close()
+    for conn, ledger in made:
+        assert conn._threads() == [], f"threads left behind by {conn!r}: {conn._threads()}"
+        assert ledger.open == {}, f"{conn!r} left {len(ledger.open)} of {ledger.built} open"
+
+
+@pytest.fixture
+def devserver() -> Iterator[DevServer]:
+    server = DevServer(keepalive_interval=0.2).start()
+    yield server
+    server.stop(0)
+
+
+def version(channel: grpc.Channel, **kwargs: object) -> str:
+    stub = host_pb2_grpc.ServerStub(channel)
+    return stub.GetVersionInfo(empty_pb2.Empty(), timeout=5, **kwargs).Version  # type: ignore[arg-type]
+
+
+def connect(conn: cc.Connection, recorder: EventRecorder, timeout: float = 10) -> int:
+    """Connect, wait until the listener has heard of it, and return a mark for ``since=``.
+
+    Listeners are called on the supervisor thread, so ``connect()`` can return a moment
+    before they hear of CONNECTED."""
+    conn.connect(timeout=timeout)
+    recorder.wait_for(lambda events: bool(events) and events[-1].new is S.CONNECTED, 5)
+    return len(recorder)
+
+
+def check_history(recorder: EventRecorder) -> None:
+    """Every recorded change is in the transition table and continues the previous one."""
+    changes = recorder.events
+    for change in changes:
+        assert change.new in ALLOWED_TRANSITIONS[change.old], change
+    for before, after in itertools.pairwise(changes):
+        assert after.old is before.new, (before, after)
+
+
+# ---------------------------------------------------------------------------- basics
+
+
+def test_connect_channel_and_stats(make_conn, devserver, recorder):
+    conn = make_conn(plaintext(devserver.address), name="basics", auto_connect=False, **FAST)
+    conn.add_listener(recorder)
+    assert conn.connect(timeout=10) is conn
+    assert conn.connected
+    assert conn.state is S.CONNECTED
+    channel = conn.channel()
+    assert channel is conn.channel()  # the same stable facade every time
+    same, config = conn.get_channel()
+    assert same is channel
+    assert config.connection_string.hosts[0].port == devserver.port
+    assert version(channel) == devserver.version
+    assert cc.registry.get("basics") is conn
+
+    stats = conn.stats()
+    assert stats.state is S.CONNECTED
+    assert stats.connects == 1
+    assert stats.generation == 1
+    assert stats.liveness == "keepalive"
+    assert devserver.wait_for(lambda: len(devserver.keepalive_answers) >= 2, 5)
+    assert conn.stats().keepalives_received >= 2
+
+    request = devserver.connect_requests[0]
+    assert request.ClientType == "Python"
+    assert request.ProcessId == os.getpid()
+    assert request.ClientVersion == cc.__version__
+    assert request.MachineName
+
+    conn.close()
+    assert conn.state is S.CLOSED
+    assert "basics" not in cc.registry
+    conn.close()  # idempotent
+    recorder.wait_for_event(became(S.CLOSED), 5)
+    assert [c.new for c in recorder.events] == [S.CONNECTING, S.CONNECTED, S.CLOSED]
+    check_history(recorder)
+    with pytest.raises(cc.NotConnectedError) as info:
+        conn.channel()
+    assert info.value.state is S.CLOSED
+    with pytest.raises(cc.ConnectionClosedError):
+        conn.connect(timeout=1)
+
+
+def test_repr_and_errors_are_redacted(make_conn):
+    conn = make_conn(
+        "chronicle://client:s3cr3t@127.0.0.1:1?disableTls=true", auto_connect=False, name="r"
+    )
+    text = repr(conn)
+    assert "s3cr3t" not in text
+    assert "'r'" in text
+    assert "idle" in text
+    assert "s3cr3t" not in repr(conn.stats())
+    with pytest.raises(cc.NotConnectedError) as info:
+        conn.channel()
+    assert "s3cr3t" not in str(info.value)
+
+
+def test_duplicate_name_is_refused(make_conn):
+    make_conn(server_address="127.0.0.1:1", auto_connect=False, name="dup")
+    with pytest.raises(cc.DuplicateNameError):
+        cc.Connection(server_address="127.0.0.1:1", auto_connect=False, name="dup")
+
+
+def test_bad_options_raise_configuration_errors():
+    with pytest.raises(cc.ConfigurationError, match="reconnect_base_delay"):
+        cc.Connection(server_address="127.0.0.1:1", reconnect_base_delay=0, auto_connect=False)
+    with pytest.raises(cc.ConfigurationError, match="liveness"):
+        cc.Connection(server_address="127.0.0.1:1", liveness="sometimes", auto_connect=False)
+    with pytest.raises(cc.ConfigurationError, match="server_address"):
+        cc.Connection("chronicle://a", server_address="b:1")
+
+
+def test_auto_connect_false_stays_idle_until_connect(make_conn, devserver, recorder):
+    conn = make_conn(plaintext(devserver.address), auto_connect=False, **FAST)
+    conn.add_listener(recorder)
+    assert conn.state is S.IDLE
+    assert conn._threads() == []  # nothing runs until asked
+    with pytest.raises(cc.NotConnectedError) as info:
+        conn.channel()
+    assert info.value.state is S.IDLE
+    conn.connect(timeout=10)
+    # Listeners hear of CONNECTED on the supervisor thread, just after connect() returns.
+    recorder.wait_for_event(became(S.CONNECTED), 5)
+    assert [c.new for c in recorder.events] == [S.CONNECTING, S.CONNECTED]
+
+
+def test_context_manager_closes(devserver):
+    with cc.Connection(plaintext(devserver.address), **FAST) as conn:
+        conn.connect(timeout=10)
+    assert conn.state is S.CLOSED
+    assert conn._threads() == []
+
+
+def test_idle_close(make_conn, recorder):
+    conn = make_conn(server_address="127.0.0.1:1", auto_connect=False)
+    conn.add_listener(recorder)
+    conn.close()
+    assert [(c.old, c.new) for c in recorder.events] == [(S.IDLE, S.CLOSED)]
+
+
+def test_illegal_transition_is_impossible(make_conn):
+    conn = make_conn(server_address="127.0.0.1:1", auto_connect=False)
+    supervisor = conn._supervisor
+    with supervisor.cond, pytest.raises(AssertionError, match="illegal transition"):
+        supervisor._transition(S.CONNECTED)  # IDLE -> CONNECTED skips CONNECTING
+    assert conn.state is S.IDLE
+    conn.close()
+    with supervisor.cond, pytest.raises(AssertionError):
+        supervisor._transition(S.CONNECTING)  # CLOSED is terminal
+    assert ALLOWED_TRANSITIONS[S.CLOSED] == frozenset()
+
+
+# ---------------------------------------------------------------------------- failure
+
+
+def test_exhaustion_fails_waiters_then_connect_rearms(make_conn, recorder):
+    port = free_port()
+    exhausted = EventRecorder("exhausted")
+    conn = make_conn(
+        plaintext(f"127.0.0.1:{port}"),
+        retry_attempts=2,
+        delay_factory=lambda policy: itertools.repeat(0.01),
+        on_retries_exhausted=exhausted,
+        liveness="transport",
+        auto_connect=False,
+    )
+    conn.add_listener(recorder)
+    with pytest.raises(cc.RetriesExhaustedError) as info:
+        conn.connect(timeout=20)
+    assert info.value.attempts == 3
+    assert isinstance(info.value.__cause__, Exception)
+    assert "refused" in str(info.value).lower() or "failed to connect" in str(info.value).lower()
+    assert conn.state is S.FAILED
+    assert exhausted.wait_for_count(1, 5)
+    assert exhausted.events == [conn]
+    stats = conn.stats()
+    assert stats.attempts == 3
+    assert stats.failed_attempts == 3
+    recorder.wait_for_event(became(S.FAILED), 5)
+
+    # connect() re-arms a fresh budget: FAILED -> CONNECTING -> ... -> FAILED again.
+    with pytest.raises(cc.RetriesExhaustedError):
+        conn.connect(timeout=20)
+    assert conn.stats().attempts == 6
+    recorder.wait_for_count(4, 5)
+    news = [c.new for c in recorder.events]
+    assert news == [S.CONNECTING, S.FAILED, S.CONNECTING, S.FAILED]
+    check_history(recorder)
+
+
+def test_failed_connection_recovers_on_demand(make_conn, kernel_factory, recorder):
+    port = free_port()
+    conn = make_conn(
+        plaintext(f"127.0.0.1:{port}"),
+        retry_attempts=0,
+        delay_factory=lambda policy: itertools.repeat(0.01),
+        **FAST,
+    )
+    conn.add_listener(recorder)
+    recorder.wait_for_event(became(S.FAILED), 10)
+    kernel_factory(port=port, keepalive_interval=0.2)
+    # A fail-fast use of a FAILED connection re-arms it without blocking.
+    with pytest.raises(cc.NotConnectedError):
+        conn.channel()
+    recorder.wait_for_event(became(S.CONNECTED), 10)
+    assert version(conn.channel()) == "0.0.0-dev"
+
+
+def test_connect_timeout_is_a_timeout_error(make_conn):
+    conn = make_conn(
+        plaintext(f"127.0.0.1:{free_port()}"), retry_attempts=None, **FAST, auto_connect=False
+    )
+    started = time.monotonic()
+    with pytest.raises(cc.ConnectTimeoutError) as info:
+        conn.connect(timeout=0.5)
+    assert isinstance(info.value, TimeoutError)
+    assert time.monotonic() - started < 5
+    assert conn.state in (S.CONNECTING, S.RECONNECTING)
+
+
+def test_close_interrupts_backoff_at_once(make_conn, recorder):
+    conn = make_conn(
+        plaintext(f"127.0.0.1:{free_port()}"),
+        retry_attempts=None,
+        delay_factory=lambda policy: itertools.repeat(30.0),
+    )
+    conn.add_listener(recorder)
+    assert conn._supervisor.cond  # started
+    deadline = time.monotonic() + 10
+    while conn.stats().current_delay is None:  # the first attempt fails in milliseconds
+        assert time.monotonic() < deadline
+        with conn._supervisor.cond:
+            conn._supervisor.cond.wait(0.05)
+    started = time.monotonic()
+    conn.close()
+    took = time.monotonic() - started
+    assert conn._threads() == []
+    assert took < 5.0  # generous on a loaded machine; the benchmark measures the real figure
+    check_history(recorder)
+
+
+# ---------------------------------------------------------------------------- waiters
+
+
+@pytest.mark.timeout(120)
+def test_hundreds_of_waiters_released_on_success(make_conn, kernel_factory):
+    port = free_port()
+    conn = make_conn(plaintext(f"127.0.0.1:{port}"), retry_attempts=None, **FAST)
+    results: list[object] = []
+    lock = threading.Lock()
+    started = threading.Barrier(301)
+
+    def wait() -> None:
+        started.wait(30)
+        try:
+            conn.connect(timeout=60)
+            outcome: object = "ok"
+        except Exception as exc:
+            outcome = exc
+        with lock:
+            results.append(outcome)
+
+    threads = [threading.Thread(target=wait) for _ in range(300)]
+    for thread in threads:
+        thread.start()
+    started.wait(30)
+    # Several failed attempts happen while they wait; none of them fails a waiter.
+    assert conn._supervisor.cond
+    deadline = time.monotonic() + 20
+    while conn.stats().failed_attempts < 3:
+        assert time.monotonic() < deadline
+        with conn._supervisor.cond:
+            conn._supervisor.cond.wait(0.05)
+    assert results == []
+    kernel_factory(port=port, keepalive_interval=0.2)
+    for thread in threads:
+        thread.join(60)
+    assert results == ["ok"] * 300
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("ending", ["exhaustion", "close", "deadline"])
+def test_hundreds_of_waiters_released_on_failure(make_conn, ending):
+    conn = make_conn(
+        plaintext(f"127.0.0.1:{free_port()}"),
+        retry_attempts=None if ending != "exhaustion" else 20,
+        delay_factory=lambda policy: itertools.repeat(0.05),
+        auto_connect=False,
+    )
+    results: list[object] = []
+    lock = threading.Lock()
+    ready = threading.Barrier(201)
+
+    def wait() -> None:
+        ready.wait(30)
+        try:
+            conn.connect(timeout=3.0 if ending == "deadline" else 60)
+            outcome: object = "ok"
+        except Exception as exc:
+            outcome = exc
+        with lock:
+            results.append(outcome)
+
+    threads = [threading.Thread(target=wait) for _ in range(200)]
+    for thread in threads:
+        thread.start()
+    ready.wait(30)
+    if ending == "close":
+        deadline = time.monotonic() + 20
+        while conn.stats().waiters < 200:
+            assert time.monotonic() < deadline
+            with conn._supervisor.cond:
+                conn._supervisor.cond.wait(0.05)
+        conn.close()
+    for thread in threads:
+        thread.join(60)
+    expected = {
+        "exhaustion": cc.RetriesExhaustedError,
+        "close": cc.ConnectionClosedError,
+        "deadline": cc.ConnectTimeoutError,
+    }[ending]
+    assert len(results) == 200
+    assert all(type(r) is expected for r in results), {type(r) for r in results}
+
+
+# ---------------------------------------------------------------------------- detection
+
+
+def test_sigkill_detected_and_recovered_stub_survives(make_conn, kernel, recorder):
+    conn = make_conn(plaintext(kernel.address), retry_attempts=None, **FAST)
+    conn.add_listener(recorder)
+    mark = connect(conn, recorder)
+    stub = host_pb2_grpc.ServerStub(conn.channel())  # made before the outage
+    assert stub.GetVersionInfo(empty_pb2.Empty(), timeout=5).Version
+
+    killed_at = time.monotonic()
+    kernel.kill()
+    lost = recorder.wait_for_event(became(S.RECONNECTING), 10, since=mark)
+    detected = time.monotonic() - killed_at
+    assert "refused" in (lost.error or "").lower() or "unavailable" in (lost.error or "").lower()
+    assert detected < 5.0  # loose: the benchmark measures the real latency
+    assert not conn.connected
+    # A fail-fast call during the outage fails fast with UNAVAILABLE.
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetVersionInfo(empty_pb2.Empty(), timeout=5)
+    assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+
+    kernel.restart()
+    # A wait_for_ready call made during the outage rides it out on the same old stub.
+    assert stub.GetVersionInfo(empty_pb2.Empty(), timeout=20, wait_for_ready=True).Version
+    assert conn.connected
+    stats = conn.stats()
+    assert stats.disconnects == 1
+    assert stats.generation >= 2
+    check_history(recorder)
+
+
+def test_hung_kernel_detected_within_stale_threshold(make_conn, kernel_factory, recorder):
+    kernel = kernel_factory(keepalive_interval=0.2)
+    conn = make_conn(plaintext(kernel.address), retry_attempts=None, **FAST)
+    conn.add_listener(recorder)
+    mark = connect(conn, recorder)
+    kernel.pause_keepalives()
+    paused_at = time.monotonic()
+    lost = recorder.wait_for_event(became(S.RECONNECTING), 10, since=mark)
+    took = time.monotonic() - paused_at
+    assert "keep-alive" in lost.error
+    # stale after 1.5 s of silence (+ up to one interval before the pause took effect)
+    assert 1.0 < took < 1.5 + 3.0
+    kernel.resume_keepalives()
+    recorder.wait_for_event(became(S.CONNECTED), 15, since=mark)
+    check_history(recorder)
+
+
+def test_silent_partition_detected(make_conn, kernel_factory, proxy_factory, recorder):
+    kernel = kernel_factory(keepalive_interval=0.2)
+    proxy = proxy_factory("127.0.0.1", kernel.port)
+    conn = make_conn(plaintext(proxy.address), retry_attempts=None, **FAST)
+    conn.add_listener(recorder)
+    mark = connect(conn, recorder)
+    proxy.swallow(discard=False)  # packets vanish; nothing is refused or reset
+    lost = recorder.wait_for_event(became(S.RECONNECTING), 10, since=mark)
+    assert "keep-alive" in lost.error
+    proxy.pass_through()
+    recorder.wait_for_event(became(S.CONNECTED), 20, since=mark)
+    assert version(conn.channel(), wait_for_ready=True) == "0.0.0-dev"
+
+
+def test_proxy_reset_detected_and_recovered(make_conn, kernel, proxy_factory, recorder):
+    proxy = proxy_factory("127.0.0.1", kernel.port)
+    conn = make_conn(plaintext(proxy.address), retry_attempts=None, **FAST)
+    conn.add_listener(recorder)
+    mark = connect(conn, recorder)
+    proxy.refuse()
+    proxy.reset()
+    recorder.wait_for_event(became(S.RECONNECTING), 10, since=mark)
+    proxy.pass_through()
+    recorder.wait_for_event(became(S.CONNECTED), 20, since=mark)
+
+
+def test_not_serving_detected_with_health(make_conn, devserver, recorder):
+    conn = make_conn(plaintext(devserver.address), liveness="health", retry_attempts=None, **FAST)
+    conn.add_listener(recorder)
+    mark = connect(conn, recorder)
+    assert conn.stats().liveness == "health"
+    devserver.set_serving(False)
+    lost = recorder.wait_for_event(became(S.RECONNECTING), 10, since=mark)
+    assert "NOT_SERVING" in lost.error
+    # NOT_SERVING servers do not count as connected: attempts fail until it serves again.
+    with pytest.raises(cc.ConnectTimeoutError):
+        conn.connect(timeout=1.0)
+    devserver.set_serving(True)
+    conn.connect(timeout=10)
+
+
+def _plain_server(with_health: bool) -> tuple[grpc.Server, int, object]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    echo = grpc.method_handlers_generic_handler(
+        "test.Echo", {"Say": grpc.unary_unary_rpc_method_handler(lambda request, context: request)}
+    )
+    server.add_generic_rpc_handlers((echo,))
+    servicer = None
+    if with_health:
+        servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port, servicer
+
+
+@pytest.mark.parametrize(("with_health", "expected"), [(False, "transport"), (True, "health")])
+def test_plain_grpc_server_works(make_conn, with_health, expected, recorder):
+    server, port, servicer = _plain_server(with_health)
+    try:
+        conn = make_conn(plaintext(f"127.0.0.1:{port}"), retry_attempts=None, **FAST)
+        conn.add_listener(recorder)
+        connect(conn, recorder)
+        assert conn.stats().liveness == expected
+        say = conn.channel().unary_unary("/test.Echo/Say")
+        assert say(b"hello", timeout=5) == b"hello"
+        if servicer is not None:
+            mark = len(recorder)
+            servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            recorder.wait_for_event(became(S.RECONNECTING), 10, since=mark)
+            servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+            recorder.wait_for_event(became(S.CONNECTED), 10, since=mark)
+        mark = len(recorder)
+        server.stop(0)
+        recorder.wait_for_event(became(S.RECONNECTING), 10, since=mark)
+    finally:
+        server.stop(0)
+
+
+# ---------------------------------------------------------------------------- generations
+
+
+def test_reconnect_gives_new_generation_and_old_stubs_work(make_conn, devserver, recorder):
+    conn = make_conn(plaintext(devserver.address), **FAST)
+    conn.add_listener(recorder)
+    mark = connect(conn, recorder)
+    stub = host_pb2_grpc.ServerStub(conn.channel())
+    stub.GetVersionInfo(empty_pb2.Empty(), timeout=5)
+    before = conn.stats().generation
+    ids_before = set(devserver.connection_ids)
+    conn.reconnect()
+    recorder.wait_for_event(became(S.CONNECTED), 10, since=mark)
+    assert [c.new for c in recorder.events[mark:]] == [S.RECONNECTING, S.CONNECTED]
+    assert conn.stats().generation == before + 1
+    assert stub.GetVersionInfo(empty_pb2.Empty(), timeout=5).Version
+    # A fresh kernel connection id for the new generation.
+    assert devserver.wait_for(lambda: set(devserver.connection_ids) - ids_before, 5)
+
+
+def test_max_channel_age_rotates_without_state_change(make_conn, devserver, recorder):
+    conn = make_conn(plaintext(devserver.address), max_channel_age=0.5, auto_connect=False, **FAST)
+    conn.add_listener(recorder)
+    connect(conn, recorder)
+    stub = host_pb2_grpc.ServerStub(conn.channel())
+    deadline = time.monotonic() + 20
+    while conn.stats().generation < 3:
+        assert stub.GetVersionInfo(empty_pb2.Empty(), timeout=5).Version
+        assert time.monotonic() < deadline
+        with conn._supervisor.cond:
+            conn._supervisor.cond.wait(0.1)
+    assert [c.new for c in recorder.events] == [S.CONNECTING, S.CONNECTED]
+
+
+def test_wait_for_ready_call_waits_within_its_deadline(make_conn):
+    conn = make_conn(
+        plaintext(f"127.0.0.1:{free_port()}"), retry_attempts=None, **FAST, auto_connect=False
+    )
+    channel = conn._managed  # conn.channel() would raise while not connected
+    call = channel.unary_unary("/test.Echo/Say")
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        call(b"x", timeout=0.5, wait_for_ready=True)
+    assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 0.4 < time.monotonic() - started < 5
+    with pytest.raises(grpc.RpcError) as info:
+        call(b"x", timeout=5)
+    assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+def test_channel_ready_future_on_managed_channel(make_conn, devserver):
+    conn = make_conn(plaintext(devserver.address), **FAST)
+    grpc.channel_ready_future(conn._managed).result(timeout=10)
+    assert conn.connected
+
+
+# ---------------------------------------------------------------------------- listeners
+
+
+def test_listener_that_raises_breaks_nothing(make_conn, devserver, recorder):
+    def bad(change: cc.StateChange) -> None:
+        raise RuntimeError("listener bug")
+
+    conn = make_conn(plaintext(devserver.address), **FAST, auto_connect=False)
+    conn.add_listener(bad)
+    conn.add_listener(recorder)
+    conn.connect(timeout=10)
+    recorder.wait_for_event(became(S.CONNECTED), 5)
+    conn.remove_listener(bad)
+    assert version(conn.channel())
+
+
+def test_close_inside_listener_does_not_deadlock(devserver):
+    closed = threading.Event()
+    holder: list[cc.Connection] = []
+
+    def on_change(change: cc.StateChange) -> None:
+        if change.new is S.CONNECTED:
+            holder[0].close()
+            closed.set()
+
+    conn = cc.Connection(plaintext(devserver.address), **FAST, auto_connect=False)
+    holder.append(conn)
+    conn.add_listener(on_change)
+    # The listener may close it before connect() gets to return: that is a closed wait.
+    with contextlib.suppress(cc.ConnectionClosedError):
+        conn.connect(timeout=10)
+    assert closed.wait(10)
+    assert conn.state is S.CLOSED
+    supervisor_thread = conn._supervisor._thread
+    assert supervisor_thread is not None
+    supervisor_thread.join(10)
+    assert conn._threads() == []
+
+
+# ---------------------------------------------------------------------------- fork
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+@pytest.mark.timeout(60)
+def test_stub_made_before_fork_works_in_child(make_conn, devserver):
+    conn = make_conn(plaintext(devserver.address), **FAST)
+    conn.connect(timeout=10)
+    stub = host_pb2_grpc.ServerStub(conn.channel())
+    assert stub.GetVersionInfo(empty_pb2.Empty(), timeout=5).Version
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            states = [conn.state]
+            reply = stub.GetVersionInfo(empty_pb2.Empty(), timeout=15, wait_for_ready=True)
+            ok = reply.Version == "0.0.0-dev" and conn.stats().generation == 1
+            code = 0 if ok and states[0] in (S.IDLE, S.CONNECTING) else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 40
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        assert time.monotonic() < deadline, "child hung"
+        with conn._supervisor.cond:
+            conn._supervisor.cond.wait(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert version(conn.channel())  # the parent is untouched

@@ -59,6 +59,10 @@ class AttemptFailed(Exception):
     """Why one attempt failed; chained as the cause of ``RetriesExhaustedError``."""
 
 
+class Unreachable(AttemptFailed):
+    """A probe was refused: the transport is down (no call can have been sent)."""
+
+
 class _Exit(enum.Enum):
     """What ``_serve`` decided to do about the current generation."""
 
@@ -71,7 +75,8 @@ class _Exit(enum.Enum):
 @dataclass(eq=False)
 class Generation:
     """One underlying channel and what watches it. Immutable once installed, but
-    ``suspect`` (a detector's report) is guarded by the connection's Condition."""
+    ``suspect`` (a detector's report) is guarded by the connection's Condition, and
+    ``lost`` and the calls watching it by the generation's own small lock."""
 
     number: int
     channel: grpc.Channel
@@ -80,6 +85,31 @@ class Generation:
     transport_callback: Callable[[grpc.ChannelConnectivity], None] | None = None
     suspect: str | None = None
     seen_ready: bool = False
+    lost: bool = False
+    _watchers: set[threading.Event] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def watch(self, event: threading.Event) -> bool:
+        """Have ``event`` set when this generation is declared lost; False if it is."""
+        with self._lock:
+            if self.lost:
+                return False
+            self._watchers.add(event)
+            return True
+
+    def unwatch(self, event: threading.Event) -> None:
+        with self._lock:
+            self._watchers.discard(event)
+
+    def mark_lost(self, *, unsent: bool) -> None:
+        """Declare it lost. ``unsent``: its transport was already down, so calls still
+        waiting on it never reached the server; wake them to go to the next one."""
+        with self._lock:
+            self.lost = True
+            watchers = list(self._watchers) if unsent else []
+            self._watchers.clear()
+        for event in watchers:
+            event.set()
 
 
 class DelaySchedule:
@@ -418,28 +448,31 @@ class Supervisor:
         return found
 
     def forked(self, conn: Connection) -> Supervisor:
-        """Return a fresh supervisor for a child process; park this one's channels."""
+        """Return a fresh supervisor for a child process, in IDLE; park this one.
+
+        The inherited channels (current, retiring, candidate), monitors and calls stay
+        reachable through this object in ``_PARKED``: none of them is used, closed or
+        finalized in the child. The child's listeners hear ``<parent state> -> IDLE``
+        (error "fork") when its supervisor next delivers, not inside the fork handler.
+        """
         # The lock may have been held by a thread that does not exist in the child, so
         # nothing here takes it: the child only reads plain attributes.
-        parked = [r.channel for r in self._retiring]
-        if self.current is not None:
-            parked.append(self.current.channel)
-        if self._candidate is not None:
-            parked.append(self._candidate)
-        _PARKED.extend(parked)
-        # Monitors and calls of the parent too: their finalizers must never run here.
         _PARKED.append(self)
         child = Supervisor(
             conn,
             self.config,
             clock=self._clock,
             delay_factory=self._delay_factory,
-            listeners=self.listeners,
+            listeners=list(self.listeners),
             label=self._label,
         )
         if self.closing:
             child.closing = True
             child.state = _S.CLOSED
+        else:
+            with child.cond:
+                child.state = self.state
+                child._transition(_S.IDLE, error="fork: the child starts over on its own channel")
         return child
 
     # ------------------------------------------------------------------ the loop
@@ -480,8 +513,14 @@ class Supervisor:
                         return
                     self.cond.wait(self.config.policy.base_delay)
 
-    def _lose(self, reason: str, exc: BaseException | None = None) -> None:
-        """Drop the current generation (if any) and go RECONNECTING."""
+    def _lose(
+        self, reason: str, exc: BaseException | None = None, *, unreachable: bool = False
+    ) -> None:
+        """Drop the current generation (if any) and go RECONNECTING.
+
+        ``unreachable``: a probe found the server refusing connections, so nothing
+        waiting on the generation can have been sent (see ``Generation.mark_lost``).
+        """
         with self.cond:
             gen = self.current
             self.current = None
@@ -496,6 +535,7 @@ class Supervisor:
         # Retired even when closing: nothing else holds it any more (_shutdown closes
         # only what is current or retiring).
         if gen is not None:
+            gen.mark_lost(unsent=unreachable)
             self._retire(gen, drain=0.0)
 
     def _dial(self) -> Generation | None:
@@ -692,7 +732,9 @@ class Supervisor:
         if error is None:
             return None
         code, details = rpc_status(error)
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        if code is grpc.StatusCode.UNAVAILABLE:
+            return Unreachable(f"probe: {code.name}: {details}")
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
             return AttemptFailed(f"probe: {code.name}: {details}")
         return None  # the server answered (UNIMPLEMENTED, UNAUTHENTICATED, ...)
 
@@ -835,7 +877,7 @@ class Supervisor:
             if error is None and monitor.status in (MonitorStatus.ENDED, MonitorStatus.FAILED):
                 error = self._restart_monitor(gen)
             if error is not None:
-                self._lose(f"{reason}; {error}", error)
+                self._lose(f"{reason}; {error}", error, unreachable=isinstance(error, Unreachable))
                 return None
             with self.cond:
                 gen.seen_ready = True

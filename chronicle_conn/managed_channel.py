@@ -8,6 +8,7 @@ so the per-call cost is two attribute reads and an identity check.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -122,9 +123,13 @@ class _MultiCallable:
         gen = self._conn._supervisor.current
         if gen is not None:
             return self._inner(gen), timeout
-        return self._wait(timeout, wait_for_ready)
+        gen, timeout = self._wait(timeout, wait_for_ready)
+        return self._inner(gen), timeout
 
-    def _wait(self, timeout: float | None, wait_for_ready: bool | None) -> tuple[Any, Any]:
+    def _wait(
+        self, timeout: float | None, wait_for_ready: bool | None
+    ) -> tuple[Generation, float | None]:
+        """Not connected: fail fast, or wait (within ``timeout``) for a generation."""
         conn = self._conn
         if not wait_for_ready:
             conn._demand_fail_fast()
@@ -146,7 +151,41 @@ class _MultiCallable:
             raise UnavailableError(grpc.StatusCode.UNAVAILABLE, f"chronicle_conn: {exc}") from exc
         if deadline is not None:
             timeout = max(0.0, deadline - clock())
-        return self._inner(gen), timeout
+        return gen, timeout
+
+    def _surviving(self, request: Any, timeout: float | None, **kwargs: Any) -> Any:
+        """A blocking ``wait_for_ready`` unary call that outlives its generation.
+
+        Sent as a future that also watches its generation: if the generation is declared
+        lost while the call is still waiting for it (so it never reached the server),
+        the call is cancelled and sent again on the next generation, within the same
+        deadline. A call that the server already had is never sent twice: it fails as
+        it would on a plain channel. Returns the finished future (a ``grpc.Call``).
+        """
+        clock = self._conn._clock
+        deadline = None if timeout is None else clock() + timeout
+        while True:
+            gen = self._conn._supervisor.current
+            remaining = None if deadline is None else max(0.0, deadline - clock())
+            if gen is None:
+                gen, remaining = self._wait(remaining, True)
+            woke = threading.Event()
+            future = self._inner(gen).future(
+                request, timeout=remaining, wait_for_ready=True, **kwargs
+            )
+            # Bound now: a cancelled future's callback runs late, and must not wake the
+            # next attempt's event.
+            future.add_done_callback(functools.partial(_set_event, woke))
+            if gen.watch(woke):
+                woke.wait()
+                gen.unwatch(woke)
+            if not future.done() and future.cancel():
+                continue  # its generation was lost before it could be sent
+            return future
+
+
+def _set_event(event: threading.Event, _future: object) -> None:
+    event.set()
 
 
 class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
@@ -161,6 +200,14 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
+        if wait_for_ready:
+            return self._surviving(
+                request,
+                timeout,
+                metadata=metadata,
+                credentials=credentials,
+                compression=compression,
+            ).result()
         inner, timeout = self._target(timeout, wait_for_ready)
         return inner(
             request,
@@ -180,6 +227,15 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
+        if wait_for_ready:
+            future = self._surviving(
+                request,
+                timeout,
+                metadata=metadata,
+                credentials=credentials,
+                compression=compression,
+            )
+            return future.result(), future
         inner, timeout = self._target(timeout, wait_for_ready)
         return inner.with_call(
             request,
@@ -327,6 +383,11 @@ class ManagedChannel(grpc.Channel):
       connected raise :class:`UnavailableError` (``UNAVAILABLE``) at once. A
       ``wait_for_ready`` call that has to wait blocks in the call itself, also for
       ``future()`` and streaming calls.
+    - A blocking ``wait_for_ready`` unary call (``__call__``, ``with_call``) that is still
+      waiting on a channel when the server is found refusing connections is sent again
+      on the next channel, within its deadline: it never reached the server. Calls the
+      server may have had (in flight at a crash, or lost to a silent partition) are not
+      sent twice; they fail as on a plain channel.
     - ``subscribe()`` reports the *connection's* state as ``grpc.ChannelConnectivity``
       (CONNECTED is READY, FAILED is TRANSIENT_FAILURE, CLOSED is SHUTDOWN), so
       ``grpc.channel_ready_future(conn.channel())`` works. The first report is made

@@ -550,6 +550,72 @@ def test_reconnect_gives_new_generation_and_old_stubs_work(make_conn, devserver,
     assert devserver.wait_for(lambda: set(devserver.connection_ids) - ids_before, 5)
 
 
+class _SlowProbe(grpc.UnaryUnaryClientInterceptor):
+    """Delays the supervisor's first health probe (its verification of a suspect
+    transport), widening the time between a crash and the loss being declared, so that a
+    call can be caught waiting on the old channel."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.probes = 0
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        if client_call_details.method == "/grpc.health.v1.Health/Check":
+            self.probes += 1
+            if self.probes == 1:
+                threading.Event().wait(self.delay)
+        return continuation(client_call_details, request)
+
+
+def test_wait_for_ready_call_caught_on_a_dead_channel_is_sent_again(
+    make_conn, kernel_factory, recorder
+):
+    kernel = kernel_factory(keepalive_interval=0.2)
+    slow = _SlowProbe(1.0)
+    ledger = ChannelLedger()
+
+    def connect_fun(target, options):
+        return grpc.intercept_channel(ledger.connect(target, options), slow)
+
+    conn = make_conn(
+        plaintext(kernel.address),
+        retry_attempts=None,
+        connect_fun=connect_fun,
+        disconnect_fun=lambda channel: channel.close(),
+        **FAST,
+    )
+    conn.add_listener(recorder)
+    mark = connect(conn, recorder)
+    stub = host_pb2_grpc.ServerStub(conn.channel())
+    old = conn._supervisor.current
+    assert old is not None
+    kernel.kill()
+    results: list[object] = []
+
+    def call() -> None:
+        try:
+            reply = stub.GetVersionInfo(empty_pb2.Empty(), timeout=30, wait_for_ready=True)
+            results.append(reply.Version)
+        except grpc.RpcError as exc:
+            results.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    # The call is waiting on the old generation, whose loss is not declared yet.
+    deadline = time.monotonic() + 10
+    while not old._watchers:
+        assert conn._supervisor.current is old, "lost before the call got there"
+        assert time.monotonic() < deadline
+        with conn._supervisor.cond:
+            conn._supervisor.cond.wait(0.01)
+    recorder.wait_for_event(became(S.RECONNECTING), 10, since=mark)
+    assert old.lost
+    kernel.restart()
+    caller.join(30)
+    assert results == ["0.0.0-dev"]
+    assert conn.stats().generation > old.number
+
+
 def test_max_channel_age_rotates_without_state_change(make_conn, devserver, recorder):
     conn = make_conn(plaintext(devserver.address), max_channel_age=0.5, auto_connect=False, **FAST)
     conn.add_listener(recorder)
@@ -630,19 +696,28 @@ def test_close_inside_listener_does_not_deadlock(devserver):
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 @pytest.mark.timeout(60)
-def test_stub_made_before_fork_works_in_child(make_conn, devserver):
-    conn = make_conn(plaintext(devserver.address), **FAST)
-    conn.connect(timeout=10)
+def test_stub_made_before_fork_works_in_child(make_conn, devserver, recorder):
+    conn = make_conn(plaintext(devserver.address), auto_connect=False, **FAST)
+    conn.add_listener(recorder)
+    connect(conn, recorder)
     stub = host_pb2_grpc.ServerStub(conn.channel())
     assert stub.GetVersionInfo(empty_pb2.Empty(), timeout=5).Version
+    parent_generation = conn._supervisor.current
+    mark = len(recorder)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         code = 1
         try:
-            states = [conn.state]
             reply = stub.GetVersionInfo(empty_pb2.Empty(), timeout=15, wait_for_ready=True)
-            ok = reply.Version == "0.0.0-dev" and conn.stats().generation == 1
-            code = 0 if ok and states[0] in (S.IDLE, S.CONNECTING) else 2
+            news = [(c.old, c.new) for c in recorder.events[mark:]]
+            ok = (
+                reply.Version == "0.0.0-dev"
+                and news[:3]
+                == [(S.CONNECTED, S.IDLE), (S.IDLE, S.CONNECTING), (S.CONNECTING, S.CONNECTED)]
+                and "fork" in (recorder.events[mark].error or "")
+                and conn._supervisor.current is not parent_generation
+            )
+            code = 0 if ok else 2
         finally:
             os._exit(code)
     deadline = time.monotonic() + 40
@@ -655,3 +730,72 @@ def test_stub_made_before_fork_works_in_child(make_conn, devserver):
             conn._supervisor.cond.wait(0.05)
     assert os.waitstatus_to_exitcode(status) == 0
     assert version(conn.channel())  # the parent is untouched
+    assert conn._supervisor.current is parent_generation
+    assert len(recorder) == mark
+
+
+@pytest.mark.timeout(120)
+def test_every_transition_of_the_table_happens(make_conn, kernel_factory, recorder):
+    """Drive connections through every allowed transition but the fork-only ones
+    (X -> IDLE, covered by the fork test) and check each was taken, and nothing else."""
+    port = free_port()
+    target = plaintext(f"127.0.0.1:{port}")
+    fast = {"delay_factory": lambda policy: itertools.repeat(0.05), "auto_connect": False}
+
+    def wait_for(state: cc.ConnectionState, mark: int) -> int:
+        recorder.wait_for_event(became(state), 20, since=mark)
+        return len(recorder)
+
+    # A bounded budget: IDLE -> CONNECTING -> FAILED -> CONNECTING -> CONNECTED
+    # -> RECONNECTING -> FAILED -> CLOSED
+    bounded = make_conn(target, retry_attempts=1, **fast, **FAST)
+    bounded.add_listener(recorder)
+    with pytest.raises(cc.RetriesExhaustedError):
+        bounded.connect(timeout=20)
+    kernel = kernel_factory(port=port, keepalive_interval=0.2)
+    mark = connect(bounded, recorder)
+    kernel.kill()
+    wait_for(S.FAILED, mark)
+    bounded.close()
+
+    # Unbounded: RECONNECTING -> CONNECTED, and RECONNECTING -> CLOSED
+    kernel.restart()
+    forever = make_conn(target, retry_attempts=None, **fast, **FAST)
+    forever.add_listener(recorder)
+    mark = connect(forever, recorder)
+    kernel.kill()
+    mark = wait_for(S.RECONNECTING, mark)
+    kernel.restart()
+    mark = wait_for(S.CONNECTED, mark)
+    kernel.kill()
+    wait_for(S.RECONNECTING, mark)
+    forever.close()
+
+    # IDLE -> CLOSED
+    idle = make_conn(target, **fast)
+    idle.add_listener(recorder)
+    idle.close()
+
+    # CONNECTING -> CLOSED (nobody listening on that port)
+    dialing = make_conn(plaintext(f"127.0.0.1:{free_port()}"), retry_attempts=None, **fast)
+    dialing.add_listener(recorder)
+    with pytest.raises(cc.ConnectTimeoutError):
+        dialing.connect(timeout=0.3)
+    dialing.close()
+
+    # CONNECTED -> CLOSED
+    kernel.restart()
+    up = make_conn(target, **fast, **FAST)
+    up.add_listener(recorder)
+    connect(up, recorder)
+    up.close()
+
+    seen = {(c.old, c.new) for c in recorder.events}
+    expected = {
+        (old, new)
+        for old, targets in ALLOWED_TRANSITIONS.items()
+        for new in targets
+        if new is not S.IDLE
+    }
+    assert expected - seen == set()
+    assert seen <= expected

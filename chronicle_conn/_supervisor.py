@@ -239,7 +239,6 @@ class Supervisor:
         self.last_error: str | None = None
         self.last_exc: BaseException | None = None
         self.current_delay: float | None = None
-        self.attempt = 0
         self.liveness = config.liveness.value
         self.listeners: list[Callable[[StateChange], None]] = list(listeners or ())
         self.counters = _Counters()
@@ -549,7 +548,6 @@ class Supervisor:
                     return None
                 self.reconnect_requested = False
                 counted = schedule.start(self._clock())
-                self.attempt = schedule.counted
                 self.counters.attempts += 1
                 self.current_delay = None
             self.log.debug("attempt_started", attempt=schedule.counted, counted=counted)

@@ -143,6 +143,13 @@ class Connection:
                 self._supervisor.arm()
 
     # ------------------------------------------------------------------ fork
+    #
+    # Two guards: the ``os.register_at_fork`` hook swaps in a fresh supervisor in the
+    # child at once, and every call off the hot path compares the pid too (a fork that
+    # bypassed the hook). The hot paths (``channel()``, ``connected``, ``state``, calls
+    # through the channel when connected) rely on the hook alone: ``os.getpid()`` is a
+    # system call, slower than all the rest of ``channel()``, and a child's fresh
+    # supervisor has no current generation, so the child always takes a slow path.
 
     def _check_fork(self) -> Supervisor:
         if self._pid != os.getpid():
@@ -174,12 +181,12 @@ class Connection:
     @property
     def state(self) -> ConnectionState:
         """The current :class:`ConnectionState`. Non-blocking, lock-free."""
-        return self._check_fork().state
+        return self._supervisor.state
 
     @property
     def connected(self) -> bool:
         """Whether the state is CONNECTED. Non-blocking, lock-free."""
-        return self._check_fork().current is not None
+        return self._supervisor.current is not None
 
     def connect(self, timeout: float | None = None) -> Connection:
         """Block until CONNECTED, then return ``self``.
@@ -223,7 +230,7 @@ class Connection:
         Raises:
             NotConnectedError: not CONNECTED right now (``.state`` says what it is).
         """
-        if self._pid == os.getpid() and self._supervisor.current is not None:
+        if self._supervisor.current is not None:
             return self._managed
         supervisor = self._check_fork()
         if supervisor.current is not None:

@@ -200,23 +200,17 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        if wait_for_ready:
-            return self._surviving(
-                request,
-                timeout,
-                metadata=metadata,
-                credentials=credentials,
-                compression=compression,
-            ).result()
-        inner, timeout = self._target(timeout, wait_for_ready)
-        return inner(
-            request,
-            timeout=timeout,
-            metadata=metadata,
-            credentials=credentials,
-            wait_for_ready=wait_for_ready,
-            compression=compression,
-        )
+        if not wait_for_ready:
+            # The hot path, inlined: connected, and the inner callable already cached.
+            gen = self._conn._supervisor.current
+            cache = self._cache
+            if gen is not None and cache[0] is gen:
+                return cache[1](request, timeout, metadata, credentials, None, compression)
+            inner, timeout = self._target(timeout, wait_for_ready)
+            return inner(request, timeout, metadata, credentials, wait_for_ready, compression)
+        return self._surviving(
+            request, timeout, metadata=metadata, credentials=credentials, compression=compression
+        ).result()
 
     def with_call(
         self,

@@ -46,8 +46,6 @@ DelayFactory = Callable[[ReconnectPolicy], Iterator[float]]
 #: here, reachable, for the life of the process.
 _PARKED: list[Any] = []
 
-_log = structlog.get_logger("chronicle_conn")
-
 #: The least time between giving up a channel and closing it. grpc's connectivity
 #: poller wakes every 200 ms; a ``try_to_connect`` subscription (a ready probe) made
 #: while it sleeps is only taken up at its next wake-up, and if the channel was closed
@@ -221,8 +219,17 @@ class Supervisor:
         self._clock = clock
         self._delay_factory: DelayFactory = delay_factory or (lambda p: p.delays())
         self._label = label
-        self.log = (config.logger or _log).bind(
-            connection=config.name or label, target=config.connection_string.redacted()
+        context = {
+            "connection": config.name or label,
+            "target": config.connection_string.redacted(),
+        }
+        # Not get_logger(...).bind(...): binding finalizes structlog's lazy proxy with the
+        # configuration of this moment, and apps often configure structlog only after
+        # creating their connection at import time.
+        self.log = (
+            config.logger.bind(**context)
+            if config.logger is not None
+            else structlog.get_logger("chronicle_conn", **context)
         )
         self.pid = os.getpid()
         self.cond = threading.Condition()
@@ -523,13 +530,16 @@ class Supervisor:
         with self.cond:
             gen = self.current
             self.current = None
-            if not self.closing:
+            closing = self.closing
+            if not closing:
                 self.last_error = reason
                 self.last_exc = exc
                 if gen is not None:
                     self.counters.disconnects += 1
                 if self.state is _S.CONNECTED:
                     self._transition(_S.RECONNECTING, error=reason)
+        if not closing and gen is not None:
+            self.log.warning("connection_lost", reason=reason, generation=gen.number)
         self.deliver()
         # Retired even when closing: nothing else holds it any more (_shutdown closes
         # only what is current or retiring).
@@ -858,7 +868,6 @@ class Supervisor:
             if action is _Exit.LOST:
                 if stale_at is not None and self._clock() >= stale_at:
                     self.log.warning("keepalive_stale", after=self.config.keepalive_stale_after)
-                self.log.warning("connection_lost", reason=reason)
                 self._lose(reason)
                 return None
             if action is _Exit.DROPPED:

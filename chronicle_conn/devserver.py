@@ -263,7 +263,13 @@ class DevServer:
         with self._cond:
             self._server = server
             self._port = port
-        self._log = self._log.bind(devserver=self.address)
+        # A lazy proxy unless the caller gave a logger: binding would freeze structlog's
+        # configuration of this moment.
+        self._log = (
+            self._log.bind(devserver=self.address)
+            if self._log is not _logger
+            else structlog.get_logger("chronicle_conn.devserver", devserver=self.address)
+        )
         server.start()
         self._log.info(
             "devserver_started",

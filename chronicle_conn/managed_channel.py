@@ -153,6 +153,29 @@ class _MultiCallable:
             timeout = max(0.0, deadline - clock())
         return gen, timeout
 
+    def _dispatch(
+        self,
+        attribute: str | None,
+        request: Any,
+        timeout: float | None,
+        metadata: Any,
+        credentials: Any,
+        wait_for_ready: bool | None,
+        compression: Any,
+    ) -> Any:
+        """Call the current generation's callable (``attribute``: None for the call
+        itself, or ``"with_call"``/``"future"``), after waiting for one if need be."""
+        inner, timeout = self._target(timeout, wait_for_ready)
+        method = inner if attribute is None else getattr(inner, attribute)
+        return method(
+            request,
+            timeout=timeout,
+            metadata=metadata,
+            credentials=credentials,
+            wait_for_ready=wait_for_ready,
+            compression=compression,
+        )
+
     def _surviving(self, request: Any, timeout: float | None, **kwargs: Any) -> Any:
         """A blocking ``wait_for_ready`` unary call that outlives its generation.
 
@@ -230,14 +253,8 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
                 compression=compression,
             )
             return future.result(), future
-        inner, timeout = self._target(timeout, wait_for_ready)
-        return inner.with_call(
-            request,
-            timeout=timeout,
-            metadata=metadata,
-            credentials=credentials,
-            wait_for_ready=wait_for_ready,
-            compression=compression,
+        return self._dispatch(
+            "with_call", request, timeout, metadata, credentials, wait_for_ready, compression
         )
 
     def future(
@@ -249,14 +266,8 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        inner, timeout = self._target(timeout, wait_for_ready)
-        return inner.future(
-            request,
-            timeout=timeout,
-            metadata=metadata,
-            credentials=credentials,
-            wait_for_ready=wait_for_ready,
-            compression=compression,
+        return self._dispatch(
+            "future", request, timeout, metadata, credentials, wait_for_ready, compression
         )
 
 
@@ -272,14 +283,8 @@ class _UnaryStream(_MultiCallable, _UnaryStreamBase):
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        inner, timeout = self._target(timeout, wait_for_ready)
-        return inner(
-            request,
-            timeout=timeout,
-            metadata=metadata,
-            credentials=credentials,
-            wait_for_ready=wait_for_ready,
-            compression=compression,
+        return self._dispatch(
+            None, request, timeout, metadata, credentials, wait_for_ready, compression
         )
 
 
@@ -295,14 +300,8 @@ class _StreamUnary(_MultiCallable, _StreamUnaryBase):
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        inner, timeout = self._target(timeout, wait_for_ready)
-        return inner(
-            request_iterator,
-            timeout=timeout,
-            metadata=metadata,
-            credentials=credentials,
-            wait_for_ready=wait_for_ready,
-            compression=compression,
+        return self._dispatch(
+            None, request_iterator, timeout, metadata, credentials, wait_for_ready, compression
         )
 
     def with_call(
@@ -314,14 +313,14 @@ class _StreamUnary(_MultiCallable, _StreamUnaryBase):
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        inner, timeout = self._target(timeout, wait_for_ready)
-        return inner.with_call(
+        return self._dispatch(
+            "with_call",
             request_iterator,
-            timeout=timeout,
-            metadata=metadata,
-            credentials=credentials,
-            wait_for_ready=wait_for_ready,
-            compression=compression,
+            timeout,
+            metadata,
+            credentials,
+            wait_for_ready,
+            compression,
         )
 
     def future(
@@ -333,14 +332,8 @@ class _StreamUnary(_MultiCallable, _StreamUnaryBase):
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        inner, timeout = self._target(timeout, wait_for_ready)
-        return inner.future(
-            request_iterator,
-            timeout=timeout,
-            metadata=metadata,
-            credentials=credentials,
-            wait_for_ready=wait_for_ready,
-            compression=compression,
+        return self._dispatch(
+            "future", request_iterator, timeout, metadata, credentials, wait_for_ready, compression
         )
 
 
@@ -356,14 +349,8 @@ class _StreamStream(_MultiCallable, _StreamStreamBase):
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        inner, timeout = self._target(timeout, wait_for_ready)
-        return inner(
-            request_iterator,
-            timeout=timeout,
-            metadata=metadata,
-            credentials=credentials,
-            wait_for_ready=wait_for_ready,
-            compression=compression,
+        return self._dispatch(
+            None, request_iterator, timeout, metadata, credentials, wait_for_ready, compression
         )
 
 

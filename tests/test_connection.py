@@ -495,7 +495,19 @@ def test_not_serving_detected_with_health(make_conn, devserver, recorder):
 def _plain_server(with_health: bool) -> tuple[grpc.Server, int, object]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     echo = grpc.method_handlers_generic_handler(
-        "test.Echo", {"Say": grpc.unary_unary_rpc_method_handler(lambda request, context: request)}
+        "test.Echo",
+        {
+            "Say": grpc.unary_unary_rpc_method_handler(lambda request, context: request),
+            "Twice": grpc.unary_stream_rpc_method_handler(
+                lambda request, context: iter((request, request))
+            ),
+            "Join": grpc.stream_unary_rpc_method_handler(
+                lambda requests, context: b"".join(requests)
+            ),
+            "Each": grpc.stream_stream_rpc_method_handler(
+                lambda requests, context: (r.upper() for r in requests)
+            ),
+        },
     )
     server.add_generic_rpc_handlers((echo,))
     servicer = None
@@ -526,6 +538,43 @@ def test_plain_grpc_server_works(make_conn, with_health, expected, recorder):
         mark = len(recorder)
         server.stop(0)
         recorder.wait_for_event(became(S.RECONNECTING), 10, since=mark)
+    finally:
+        server.stop(0)
+
+
+def test_every_kind_of_call_goes_through_the_managed_channel(make_conn, recorder):
+    server, port, _ = _plain_server(with_health=False)
+    try:
+        conn = make_conn(plaintext(f"127.0.0.1:{port}"), auto_connect=False, **FAST)
+        conn.add_listener(recorder)
+        connect(conn, recorder)
+        channel = conn.channel()
+        say = channel.unary_unary("/test.Echo/Say")
+        twice = channel.unary_stream("/test.Echo/Twice")
+        join = channel.stream_unary("/test.Echo/Join")
+        each = channel.stream_stream("/test.Echo/Each")
+        for wait in (None, True):
+            assert say(b"a", timeout=5, wait_for_ready=wait) == b"a"
+            reply, call = say.with_call(b"b", timeout=5, wait_for_ready=wait)
+            assert reply == b"b"
+            assert call.code() is grpc.StatusCode.OK
+            assert say.future(b"c", timeout=5, wait_for_ready=wait).result() == b"c"
+            assert list(twice(b"d", timeout=5, wait_for_ready=wait)) == [b"d", b"d"]
+            assert join(iter([b"e", b"f"]), timeout=5, wait_for_ready=wait) == b"ef"
+            reply, call = join.with_call(iter([b"g"]), timeout=5, wait_for_ready=wait)
+            assert reply == b"g"
+            assert join.future(iter([b"h", b"i"]), timeout=5, wait_for_ready=wait).result() == b"hi"
+            assert list(each(iter([b"j", b"k"]), timeout=5, wait_for_ready=wait)) == [b"J", b"K"]
+        # Errors of the server come through as they are.
+        with pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary("/test.Echo/Nope")(b"", timeout=5)
+        assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
+        # After a reconnect() the same multicallables use the new generation.
+        mark = len(recorder)
+        conn.reconnect()
+        recorder.wait_for_event(became(S.CONNECTED), 10, since=mark)
+        assert list(each(iter([b"z"]), timeout=5, wait_for_ready=True)) == [b"Z"]
+        assert say(b"y", timeout=5) == b"y"
     finally:
         server.stop(0)
 

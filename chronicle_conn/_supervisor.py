@@ -9,6 +9,7 @@ join, a user callback, logging) runs while it is held.
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import math
 import os
@@ -27,7 +28,12 @@ from . import __version__
 from ._channel_factory import ChannelFactory
 from ._liveness import AUTO_ORDER, Monitor, MonitorStatus, make_monitor, rpc_status
 from .config import ConnectionConfig, LivenessMode, ReconnectPolicy
-from .errors import ConnectionClosedError, ConnectTimeoutError, RetriesExhaustedError
+from .errors import (
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    NotConnectedError,
+    RetriesExhaustedError,
+)
 from .states import ConnectionState, ConnectionStats, StateChange, is_allowed
 
 if TYPE_CHECKING:
@@ -53,6 +59,32 @@ _PARKED: list[Any] = []
 _POLLER_GRACE = 0.25
 
 
+class _QuietLog:
+    """A structlog logger whose calls never raise: a broken log sink (a closed stdout,
+    say) must not take the supervisor thread down with it."""
+
+    __slots__ = ("_logger",)
+
+    def __init__(self, logger: Any) -> None:
+        self._logger = logger
+
+    def _emit(self, method: str, event: str, **fields: Any) -> None:
+        with contextlib.suppress(Exception):  # nowhere left to report it
+            getattr(self._logger, method)(event, **fields)
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._emit("debug", event, **fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._emit("info", event, **fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._emit("warning", event, **fields)
+
+    def exception(self, event: str, **fields: Any) -> None:
+        self._emit("exception", event, **fields)
+
+
 class AttemptFailed(Exception):
     """Why one attempt failed; chained as the cause of ``RetriesExhaustedError``."""
 
@@ -68,6 +100,8 @@ class _Exit(enum.Enum):
     DROPPED = "dropped"  # reconnect() asked for a fresh channel: RECONNECTING
     VERIFY = "verify"  # a detector is suspicious: probe before deciding
     ROTATE = "rotate"  # max_channel_age reached: replace it without a state change
+    STALE = "stale"  # no keep-alive within keepalive_stale_after: lost
+    REAP = "reap"  # a retired channel is due to be closed
 
 
 @dataclass(eq=False)
@@ -84,16 +118,24 @@ class Generation:
     suspect: str | None = None
     seen_ready: bool = False
     lost: bool = False
+    unsent: bool = False  # lost with its transport already down (see mark_lost)
     _watchers: set[threading.Event] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def watch(self, event: threading.Event) -> bool:
-        """Have ``event`` set when this generation is declared lost; False if it is."""
+        """Have ``event`` set if this generation is declared lost with the calls waiting
+        on it unsent. False if that already happened (send the call again now)."""
         with self._lock:
             if self.lost:
-                return False
+                return not self.unsent
             self._watchers.add(event)
             return True
+
+    @property
+    def resend(self) -> bool:
+        """Whether a call still waiting on this generation may be sent on the next one."""
+        with self._lock:
+            return self.lost and self.unsent
 
     def unwatch(self, event: threading.Event) -> None:
         with self._lock:
@@ -104,6 +146,7 @@ class Generation:
         waiting on it never reached the server; wake them to go to the next one."""
         with self._lock:
             self.lost = True
+            self.unsent = unsent
             watchers = list(self._watchers) if unsent else []
             self._watchers.clear()
         for event in watchers:
@@ -191,10 +234,16 @@ class _Counters:
 
 @dataclass
 class _Pending:
-    """Listener events waiting for delivery (in order, one deliverer at a time)."""
+    """Listener events waiting for delivery (in order, one deliverer at a time).
 
-    events: collections.deque[StateChange] = field(default_factory=collections.deque)
+    Each event has a sequence number, and each listener the number of the first event
+    it is owed: one added while older events wait for delivery does not get them (its
+    view starts from the state at the time it was added).
+    """
+
+    events: collections.deque[tuple[int, StateChange]] = field(default_factory=collections.deque)
     delivering: bool = False
+    sequence: int = 0  # of the next event
 
 
 class Supervisor:
@@ -226,7 +275,7 @@ class Supervisor:
         # Not get_logger(...).bind(...): binding finalizes structlog's lazy proxy with the
         # configuration of this moment, and apps often configure structlog only after
         # creating their connection at import time.
-        self.log = (
+        self.log = _QuietLog(
             config.logger.bind(**context)
             if config.logger is not None
             else structlog.get_logger("chronicle_conn", **context)
@@ -247,7 +296,10 @@ class Supervisor:
         self.last_exc: BaseException | None = None
         self.current_delay: float | None = None
         self.liveness = config.liveness.value
-        self.listeners: list[Callable[[StateChange], None]] = list(listeners or ())
+        #: (listener, the sequence number of the first event it is owed)
+        self.listeners: list[tuple[Callable[[StateChange], None], int]] = [
+            (listener, 0) for listener in listeners or ()
+        ]
         self.counters = _Counters()
         self._pending = _Pending()
         self._thread: threading.Thread | None = None
@@ -272,15 +324,20 @@ class Supervisor:
             raise AssertionError(f"illegal transition {old.name} -> {new.name}")
         self.state = new
         self.since = time.time()
-        self._pending.events.append(
-            StateChange(
-                old=old,
-                new=new,
-                at=self.since,
-                attempt=info.get("attempt", 0),
-                delay=info.get("delay"),
-                error=info.get("error"),
-                generation=self.counters.generation,
+        pending = self._pending
+        pending.sequence += 1
+        pending.events.append(
+            (
+                pending.sequence - 1,
+                StateChange(
+                    old=old,
+                    new=new,
+                    at=self.since,
+                    attempt=info.get("attempt", 0),
+                    delay=info.get("delay"),
+                    error=info.get("error"),
+                    generation=self.counters.generation,
+                ),
             )
         )
         self.cond.notify_all()
@@ -301,7 +358,7 @@ class Supervisor:
                 self._pending.events.clear()
                 listeners = list(self.listeners)
             try:
-                for change in events:
+                for sequence, change in events:
                     self.log.info(
                         "state_changed",
                         old=change.old.value,
@@ -311,7 +368,9 @@ class Supervisor:
                         error=change.error,
                         generation=change.generation,
                     )
-                    for listener in listeners:
+                    for listener, first in listeners:
+                        if sequence < first:
+                            continue
                         try:
                             listener(change)
                         except Exception:
@@ -321,6 +380,18 @@ class Supervisor:
                     self._pending.delivering = False
 
     # ------------------------------------------------------------------ public side
+
+    def add_listener(self, listener: Callable[[StateChange], None]) -> ConnectionState:
+        """Register ``listener`` for the changes from now on; return the state it starts
+        from (read at the same moment, so no change falls between the two)."""
+        with self.cond:
+            self.listeners.append((listener, self._pending.sequence))
+            return self.state
+
+    def remove_listener(self, listener: Callable[[StateChange], None]) -> None:
+        with self.cond:
+            # ==, not is: a bound method is a new object each time it is looked up.
+            self.listeners = [(f, n) for f, n in self.listeners if f != listener]
 
     def ensure_thread(self) -> None:
         """Start the supervisor thread if it is not running. Call with the lock held."""
@@ -355,6 +426,13 @@ class Supervisor:
                 return gen
             if self.closing:
                 raise ConnectionClosedError(f"connection {self._label} is closed")
+            if threading.current_thread() is self._thread:
+                # A listener or on_retries_exhausted waiting would wait for itself.
+                raise NotConnectedError(
+                    f"connection {self._label} is not connected, and a listener cannot "
+                    "wait for it (it runs on the supervisor thread)",
+                    state=self.state,
+                )
             self.arm()
             waiters = self.waiters
             waiters.count += 1
@@ -377,6 +455,7 @@ class Supervisor:
                             f"last error: {self.last_error}",
                             attempts=attempts,
                         ) from self.last_exc
+                    self.ensure_thread()  # in case the supervisor died (see _run)
                     if deadline is None:
                         self.cond.wait()
                         continue
@@ -401,15 +480,15 @@ class Supervisor:
     def close(self) -> None:
         """Close: fail waiters, stop the loop, join it (bounded). Idempotent, any thread."""
         with self.cond:
-            if self.closing:
-                thread = None
-            else:
+            if not self.closing:
                 self.closing = True
                 self.armed = False
                 self._transition(_S.CLOSED)
-                thread = self._thread
+            thread = self._thread
             self.cond.notify_all()
         self.deliver()
+        # Every caller waits for the shutdown, not only the first (a second close()
+        # racing the first must not return while channels are still open).
         if thread is None:
             return
         if thread is threading.current_thread():
@@ -469,7 +548,7 @@ class Supervisor:
             self.config,
             clock=self._clock,
             delay_factory=self._delay_factory,
-            listeners=list(self.listeners),
+            listeners=[listener for listener, _ in self.listeners],
             label=self._label,
         )
         if self.closing:
@@ -486,11 +565,18 @@ class Supervisor:
     def _run(self) -> None:
         try:
             self._loop()
-        except BaseException:  # pragma: no cover - _loop catches what it can
+        except BaseException:
+            # Only what _loop does not catch (SystemExit from a listener, say).
             self.log.exception("supervisor_crashed")
             raise
         finally:
             self._shutdown()
+            with self.cond:
+                if not self.closing:
+                    # Died unexpectedly: the next caller (waiters wake now) starts a
+                    # fresh supervisor thread.
+                    self._thread = None
+                    self.cond.notify_all()
 
     def _loop(self) -> None:
         while True:
@@ -505,8 +591,8 @@ class Supervisor:
                     return
                 if self.state in (_S.IDLE, _S.FAILED):
                     self._transition(_S.CONNECTING)
-            self.deliver()
             try:
+                self.deliver()
                 gen = self._dial()
                 while gen is not None:
                     gen = self._serve(gen)
@@ -639,7 +725,9 @@ class Supervisor:
                 with self.cond:
                     self.counters.generation += 1
                     number = self.counters.generation
-                return Generation(number, channel, self._clock(), monitor)
+                # seen_ready: await_ready saw READY, so a first callback reporting IDLE
+                # (the server died in between) is already suspect.
+                return Generation(number, channel, self._clock(), monitor, seen_ready=True)
         except Exception as exc:
             error = AttemptFailed(f"attempt {attempt} failed: {exc!r}")
         finally:
@@ -827,47 +915,16 @@ class Supervisor:
 
     def _serve(self, gen: Generation) -> Generation | None:
         """Watch ``gen`` until it is lost (None) or replaced (the new one)."""
-        max_age = self.config.max_channel_age
         while True:
             self._reap()
-            with self.cond:
-                while True:
-                    if self.closing:
-                        return None
-                    now = self._clock()
-                    monitor = gen.monitor
-                    stale_at = monitor.deadline()
-                    age_at = gen.created + max_age if max_age is not None else None
-                    if self.reconnect_requested:
-                        self.reconnect_requested = False
-                        action, reason = _Exit.DROPPED, "reconnect requested"
-                        break
-                    if monitor.status is MonitorStatus.LOST:
-                        action, reason = _Exit.LOST, monitor.error or "liveness lost"
-                        break
-                    if stale_at is not None and now >= stale_at:
-                        action = _Exit.LOST
-                        reason = (
-                            f"no keep-alive for {self.config.keepalive_stale_after:g}s "
-                            "(kernel hung or network partitioned)"
-                        )
-                        break
-                    if gen.suspect is not None or monitor.status in (
-                        MonitorStatus.ENDED,
-                        MonitorStatus.FAILED,
-                    ):
-                        action = _Exit.VERIFY
-                        reason = gen.suspect or monitor.error or "suspect"
-                        gen.suspect = None
-                        break
-                    if age_at is not None and now >= age_at:
-                        action, reason = _Exit.ROTATE, "max_channel_age"
-                        break
-                    wake = min(x for x in (stale_at, age_at, math.inf) if x is not None)
-                    self.cond.wait(self._until(wake) - now if wake != math.inf else None)
-            if action is _Exit.LOST:
-                if stale_at is not None and self._clock() >= stale_at:
-                    self.log.warning("keepalive_stale", after=self.config.keepalive_stale_after)
+            action, reason = self._next_action(gen)
+            if action is None:
+                return None  # closing
+            if action is _Exit.REAP:
+                continue
+            if action is _Exit.STALE:
+                self.log.warning("keepalive_stale", after=self.config.keepalive_stale_after)
+            if action in (_Exit.LOST, _Exit.STALE):
                 self._lose(reason)
                 return None
             if action is _Exit.DROPPED:
@@ -877,9 +934,10 @@ class Supervisor:
                 if replacement is not None:
                     return replacement
                 continue
-            # Suspect: IDLE is "cold", not "dead" (idle timeout, GOAWAY). A ready probe
-            # tells: a crashed server refuses it within milliseconds.
+            # Suspect: IDLE is "cold", not "dead" (idle timeout, GOAWAY). A probe tells:
+            # a crashed server refuses it within milliseconds.
             self.log.debug("verifying", reason=reason)
+            monitor = gen.monitor
             error = self._probe(gen.channel, self._clock() + self.config.attempt_timeout)
             if error is None and monitor.status in (MonitorStatus.ENDED, MonitorStatus.FAILED):
                 error = self._restart_monitor(gen)
@@ -889,17 +947,54 @@ class Supervisor:
             with self.cond:
                 gen.seen_ready = True
 
+    def _next_action(self, gen: Generation) -> tuple[_Exit | None, str]:
+        """Wait (under the lock) until something needs doing about ``gen``: (None, "")
+        when closing. Wakes for retired channels that are due, so they get closed."""
+        max_age = self.config.max_channel_age
+        with self.cond:
+            while True:
+                if self.closing:
+                    return None, ""
+                now = self._clock()
+                monitor = gen.monitor
+                stale_at = monitor.deadline()
+                age_at = gen.created + max_age if max_age is not None else math.inf
+                reap_at = self._retiring[0].close_at if self._retiring else math.inf
+                if self.reconnect_requested:
+                    self.reconnect_requested = False
+                    return _Exit.DROPPED, "reconnect requested"
+                if monitor.status is MonitorStatus.LOST:
+                    return _Exit.LOST, monitor.error or "liveness lost"
+                if stale_at is not None and now >= stale_at:
+                    return _Exit.STALE, (
+                        f"no keep-alive for {self.config.keepalive_stale_after:g}s "
+                        "(kernel hung or network partitioned)"
+                    )
+                if gen.suspect is not None or monitor.status in (
+                    MonitorStatus.ENDED,
+                    MonitorStatus.FAILED,
+                ):
+                    reason = gen.suspect or monitor.error or "suspect"
+                    gen.suspect = None
+                    return _Exit.VERIFY, reason
+                if now >= age_at:
+                    return _Exit.ROTATE, "max_channel_age"
+                if now >= reap_at:
+                    return _Exit.REAP, ""
+                wake = min(stale_at if stale_at is not None else math.inf, age_at, reap_at)
+                self.cond.wait(None if wake == math.inf else wake - now)
+
     def _restart_monitor(self, gen: Generation) -> AttemptFailed | None:
         """The liveness stream ended on a healthy transport (GOAWAY, say): open it again."""
         old = gen.monitor
-        with self.cond:
-            self.counters.keepalives += old.received
         old.stop()
         old.join(self.config.close_timeout)
         monitor, error = self._establish(gen.channel, self._clock() + self.config.attempt_timeout)
         if monitor is None:
-            return error
-        gen.monitor = monitor
+            return error  # gen keeps the old monitor; _retire counts its keep-alives
+        with self.cond:
+            self.counters.keepalives += old.received
+            gen.monitor = monitor
         return None
 
     def _drop(self, gen: Generation, reason: str) -> Generation | None:

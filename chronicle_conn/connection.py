@@ -258,16 +258,15 @@ class Connection:
         A listener may call ``close()``. Listeners added after construction miss the
         changes before (``auto_connect=False`` lets you add them first).
         """
-        supervisor = self._check_fork()
-        with supervisor.cond:
-            supervisor.listeners.append(listener)
+        self._check_fork().add_listener(listener)
+
+    def _add_listener_at(self, listener: Callable[[StateChange], None]) -> ConnectionState:
+        """``add_listener``, returning the state the listener's changes start from."""
+        return self._check_fork().add_listener(listener)
 
     def remove_listener(self, listener: Callable[[StateChange], None]) -> None:
         """Stop calling ``listener``. Unknown listeners are ignored."""
-        supervisor = self._check_fork()
-        with supervisor.cond:
-            if listener in supervisor.listeners:
-                supervisor.listeners.remove(listener)
+        self._check_fork().remove_listener(listener)
 
     def stats(self) -> ConnectionStats:
         """A consistent snapshot of state and counters. Non-blocking (a short lock)."""

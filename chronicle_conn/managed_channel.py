@@ -202,7 +202,7 @@ class _MultiCallable:
             if gen.watch(woke):
                 woke.wait()
                 gen.unwatch(woke)
-            if not future.done() and future.cancel():
+            if not future.done() and gen.resend and future.cancel():
                 continue  # its generation was lost before it could be sent
             return future
 
@@ -354,6 +354,32 @@ class _StreamStream(_MultiCallable, _StreamStreamBase):
         )
 
 
+class _Subscription:
+    """One ``subscribe()`` callback: the state at subscription first, then every change
+    after it, in order (the callback runs under this subscription's own lock)."""
+
+    def __init__(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
+        self._callback = callback
+        self._lock = threading.Lock()
+        self._started = False
+        self._early: list[ConnectionState] = []  # changes seen before the first report
+
+    def on_change(self, change: StateChange) -> None:
+        with self._lock:
+            if not self._started:
+                self._early.append(change.new)
+                return
+            self._callback(_CONNECTIVITY[change.new])
+
+    def start(self, state: ConnectionState) -> None:
+        with self._lock:
+            self._callback(_CONNECTIVITY[state])
+            for later in self._early:
+                self._callback(_CONNECTIVITY[later])
+            self._early.clear()
+            self._started = True
+
+
 class ManagedChannel(grpc.Channel):
     """The connection's stable ``grpc.Channel`` (what ``conn.channel()`` returns).
 
@@ -382,7 +408,7 @@ class ManagedChannel(grpc.Channel):
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._lock = threading.Lock()
-        self._subscriptions: dict[Callable[[grpc.ChannelConnectivity], None], Any] = {}
+        self._subscriptions: dict[Callable[[grpc.ChannelConnectivity], None], _Subscription] = {}
 
     def unary_unary(
         self,
@@ -451,23 +477,21 @@ class ManagedChannel(grpc.Channel):
     def subscribe(
         self, callback: Callable[[grpc.ChannelConnectivity], None], try_to_connect: bool = False
     ) -> None:
-        def listener(change: StateChange) -> None:
-            callback(_CONNECTIVITY[change.new])
-
+        subscription = _Subscription(callback)
         with self._lock:
             if callback in self._subscriptions:
                 return
-            self._subscriptions[callback] = listener
-        self._conn.add_listener(listener)
+            self._subscriptions[callback] = subscription
+        state = self._conn._add_listener_at(subscription.on_change)
         if try_to_connect:
             self._conn._demand_fail_fast()
-        callback(_CONNECTIVITY[self._conn.state])
+        subscription.start(state)
 
     def unsubscribe(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
         with self._lock:
-            listener = self._subscriptions.pop(callback, None)
-        if listener is not None:
-            self._conn.remove_listener(listener)
+            subscription = self._subscriptions.pop(callback, None)
+        if subscription is not None:
+            self._conn.remove_listener(subscription.on_change)
 
     def close(self) -> None:
         """Does nothing: close the shared connection with ``Connection.close()``."""

@@ -848,3 +848,151 @@ def test_every_transition_of_the_table_happens(make_conn, kernel_factory, record
     }
     assert expected - seen == set()
     assert seen <= expected
+
+
+# ---------------------------------------------------------------------------- robustness
+
+
+def test_replaced_channel_is_closed_while_connected(make_conn, devserver):
+    ledger = ChannelLedger()
+    conn = make_conn(
+        plaintext(devserver.address),
+        connect_fun=ledger.connect,
+        disconnect_fun=ledger.disconnect,
+        drain_timeout=0.2,
+        **FAST,
+    )
+    conn.connect(timeout=10)
+    conn.reconnect()
+    deadline = time.monotonic() + 10
+    # Still connected, and the old channel is closed once its drain is over.
+    while not (conn.stats().generation == 2 and len(ledger.open) == 1):
+        assert time.monotonic() < deadline, (conn.stats(), ledger.open)
+        with conn._supervisor.cond:
+            conn._supervisor.cond.wait(0.05)
+    assert conn.connected
+    assert ledger.built == 2
+
+
+@pytest.mark.timing
+def test_supervisor_is_quiet_while_connected(make_conn, devserver):
+    conn = make_conn(plaintext(devserver.address), drain_timeout=0.1, **FAST)
+    conn.connect(timeout=10)
+    conn.reconnect()  # leaves a retired channel to close: the wait must not spin on it
+    conn.connect(timeout=10)
+    started_cpu, started = time.process_time(), time.monotonic()
+    threading.Event().wait(2.0)  # the measurement needs wall-clock time to pass
+    used = time.process_time() - started_cpu
+    assert used < 0.5 * (time.monotonic() - started), f"{used:.2f}s of CPU in 2s"
+
+
+class BrokenLogger:
+    """A logger whose sink is gone: every call raises."""
+
+    def bind(self, **context: object) -> BrokenLogger:
+        return self
+
+    def __getattr__(self, name: str):
+        def fail(*args: object, **kwargs: object) -> None:
+            raise BrokenPipeError("stdout is closed")
+
+        return fail
+
+
+def test_a_broken_log_sink_does_not_break_the_connection(make_conn, devserver, recorder):
+    conn = make_conn(
+        plaintext(devserver.address), logger=BrokenLogger(), auto_connect=False, **FAST
+    )
+    conn.add_listener(recorder)
+    mark = connect(conn, recorder)
+    conn.reconnect()
+    recorder.wait_for_event(became(S.CONNECTED), 10, since=mark)
+    assert version(conn.channel())
+    conn.close()  # does not raise the logger's error
+    assert conn._threads() == []
+
+
+def test_concurrent_close_calls_all_wait_for_the_shutdown(make_conn, devserver):
+    conn = make_conn(plaintext(devserver.address), **FAST)
+    conn.connect(timeout=10)
+    leftovers: list[list[threading.Thread]] = []
+    start = threading.Barrier(4)
+
+    def close() -> None:
+        start.wait(10)
+        conn.close()
+        leftovers.append(conn._threads())
+
+    closers = [threading.Thread(target=close) for _ in range(4)]
+    for closer in closers:
+        closer.start()
+    for closer in closers:
+        closer.join(30)
+    assert leftovers == [[], [], [], []]
+
+
+def test_a_listener_cannot_wait_for_the_connection(make_conn, recorder):
+    refusals = EventRecorder("refusals")
+
+    def impatient(change: cc.StateChange) -> None:
+        if change.new is S.CONNECTING:
+            try:
+                conn.connect()  # no timeout: it would wait for its own thread
+            except cc.NotConnectedError as exc:
+                refusals(exc)
+
+    conn = make_conn(plaintext(f"127.0.0.1:{free_port()}"), auto_connect=False, **FAST)
+    conn.add_listener(impatient)
+    with pytest.raises(cc.ConnectTimeoutError):
+        conn.connect(timeout=0.5)
+    assert refusals.wait_for_count(1, 5)
+    assert refusals.events[0].state is S.CONNECTING
+
+
+def test_a_listener_added_late_gets_only_later_changes(make_conn, recorder):
+    conn = make_conn(plaintext(f"127.0.0.1:{free_port()}"), auto_connect=False)
+    supervisor = conn._supervisor
+    with supervisor.cond:
+        supervisor._transition(S.CONNECTING)  # queued, not yet delivered
+    assert conn._add_listener_at(recorder) is S.CONNECTING
+    supervisor.deliver()
+    assert recorder.events == []  # the older change is not replayed to it
+    conn.close()
+    assert [(c.old, c.new) for c in recorder.events] == [(S.CONNECTING, S.CLOSED)]
+
+
+def test_subscribe_reports_the_current_state_first_then_changes(make_conn, devserver):
+    conn = make_conn(plaintext(devserver.address), auto_connect=False, **FAST)
+    reports = EventRecorder("connectivity")
+    conn._managed.subscribe(reports)
+    assert reports.events == [grpc.ChannelConnectivity.IDLE]
+    conn.connect(timeout=10)
+    assert reports.wait_for(lambda r: r[-1] is grpc.ChannelConnectivity.READY, 5)
+    assert reports.events == [
+        grpc.ChannelConnectivity.IDLE,
+        grpc.ChannelConnectivity.CONNECTING,
+        grpc.ChannelConnectivity.READY,
+    ]
+    conn._managed.unsubscribe(reports)
+    conn.close()
+    assert reports.events[-1] is grpc.ChannelConnectivity.READY  # no report after unsubscribe
+
+
+def test_generation_resends_only_calls_that_cannot_have_been_sent():
+    from chronicle_conn._supervisor import Generation
+
+    partitioned = Generation(1, None, 0.0, None)  # type: ignore[arg-type]
+    early = threading.Event()
+    assert partitioned.watch(early)
+    partitioned.mark_lost(unsent=False)  # a partition: calls may have reached the server
+    assert not early.is_set()
+    assert not partitioned.resend
+    assert partitioned.watch(threading.Event())  # a late caller waits for its call too
+
+    refused = Generation(2, None, 0.0, None)  # type: ignore[arg-type]
+    waiting = threading.Event()
+    assert refused.watch(waiting)
+    refused.mark_lost(unsent=True)  # the server refused connections: nothing was sent
+    assert waiting.is_set()
+    assert refused.resend
+    assert not refused.watch(threading.Event())  # a late caller re-sends at once

@@ -244,6 +244,16 @@ class Connection:
             state=state,
         )
 
+    @property
+    def managed_channel(self) -> ManagedChannel:
+        """The same stable channel as :meth:`channel`, whatever the state: never raises.
+
+        For stubs made before the connection is up (at import time, say). Calls through
+        it behave as documented on :class:`ManagedChannel`: while not connected,
+        fail-fast calls get ``UNAVAILABLE`` and ``wait_for_ready`` calls wait.
+        """
+        return self._managed
+
     def get_channel(self) -> tuple[ManagedChannel, ConnectionConfig]:
         """Return ``(self.channel(), self.config)``. Raises like :meth:`channel`."""
         return self.channel(), self._config

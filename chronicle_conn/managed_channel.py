@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from .errors import ConnectionClosedError, ConnectTimeoutError, RetriesExhaustedError
+from .errors import (
+    ChronicleConnError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    NotConnectedError,
+    RetriesExhaustedError,
+)
 from .states import ConnectionState, StateChange
 
 if TYPE_CHECKING:
@@ -47,11 +53,12 @@ _CONNECTIVITY = {
 }
 
 
-class UnavailableError(grpc.RpcError, grpc.Call):
+class UnavailableError(grpc.RpcError, grpc.Call, ChronicleConnError):
     """The ``grpc.RpcError`` a call through a ``ManagedChannel`` raises when the
     connection cannot take it: ``UNAVAILABLE`` (not connected, fail-fast; closed; retries
     exhausted) or ``DEADLINE_EXCEEDED`` (a ``wait_for_ready`` call's deadline passed while
-    waiting for the connection). It quacks like the error gRPC itself raises."""
+    waiting for the connection). It quacks like the error gRPC itself raises, so gRPC
+    error handling catches it, and it is a ``ChronicleConnError`` too."""
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(details)
@@ -147,7 +154,7 @@ class _MultiCallable:
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 "chronicle_conn: deadline exceeded while waiting for the connection",
             ) from None
-        except (RetriesExhaustedError, ConnectionClosedError) as exc:
+        except (RetriesExhaustedError, ConnectionClosedError, NotConnectedError) as exc:
             raise UnavailableError(grpc.StatusCode.UNAVAILABLE, f"chronicle_conn: {exc}") from exc
         if deadline is not None:
             timeout = max(0.0, deadline - clock())
@@ -381,7 +388,8 @@ class _Subscription:
 
 
 class ManagedChannel(grpc.Channel):
-    """The connection's stable ``grpc.Channel`` (what ``conn.channel()`` returns).
+    """The connection's stable ``grpc.Channel`` (``conn.channel()``, or
+    ``conn.managed_channel`` before the connection is up).
 
     - Calls go to the current underlying channel; stubs made once keep working across
       reconnects, ``reconnect()``, a maximum channel age and ``fork()``.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 from collections.abc import Iterator
+from urllib.parse import unquote
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -924,6 +925,35 @@ def connection_strings(draw: st.DrawFn) -> ConnectionString:
     )
 
 
+_SECRET_FIELDS = ("client_secret", "api_key", "certificate_password")
+_SECRET_QUERY_KEYS = {"apiKey": "api_key", "certificatePassword": "certificate_password"}
+
+
+def _secret_places(text: str, replacement: str) -> tuple[str, dict[str, str]]:
+    """Split a canonical connection string at its secrets' places.
+
+    Returns ``text`` with the client secret and the values of ``apiKey`` and
+    ``certificatePassword`` replaced by ``replacement``, and what each place held, by field.
+    (Canonical text percent-encodes ``:@?&=`` inside user info and query values.)
+    """
+    scheme, sep, rest = text.partition("://")
+    authority, question, query = rest.partition("?")
+    userinfo, at, hosts = authority.rpartition("@")
+    held: dict[str, str] = {}
+    user, colon, password = userinfo.partition(":")
+    if colon:
+        held["client_secret"] = password
+        userinfo = f"{user}:{replacement}"
+    pairs = []
+    for pair in query.split("&") if query else []:
+        key, _, value = pair.partition("=")
+        if key in _SECRET_QUERY_KEYS:
+            held[_SECRET_QUERY_KEYS[key]] = value
+            value = replacement
+        pairs.append(f"{key}={value}")
+    return scheme + sep + userinfo + at + hosts + question + "&".join(pairs), held
+
+
 @settings(max_examples=500, deadline=None, database=None)
 @given(connection_strings())
 def test_round_trip(value: ConnectionString) -> None:
@@ -936,9 +966,24 @@ def test_round_trip(value: ConnectionString) -> None:
     assert str(parsed) == text
     redacted = value.redacted()
     assert repr(value) == f"ConnectionString({redacted!r})"
-    for secret in (value.client_secret, value.api_key, value.certificate_password):
-        if secret is not None:
-            assert f"={'***'}" in redacted or ":***@" in redacted
+    # Only the secrets' places change, and each shows ***.
+    expected, held = _secret_places(text, "***")
+    assert redacted == expected
+    _, shown = _secret_places(redacted, "")
+    public, _ = _secret_places(text, "")  # everything but the secrets
+    unredacted = ConnectionString.parse(redacted)
+    for field in _SECRET_FIELDS:
+        secret = getattr(value, field)
+        if secret is None:
+            assert field not in shown
+            assert getattr(unredacted, field) is None
+            continue
+        assert shown[field] == "***", (field, redacted)
+        assert getattr(unredacted, field) == "***", (field, redacted)
+        encoded = held[field]  # how str() writes the secret
+        assert unquote(encoded) == secret
+        if encoded not in public:  # else it is also (part of) a host, the id or an option
+            assert encoded not in redacted, (field, redacted)
 
 
 _URL_ALPHABET = "abcAZ09:/@[]?&=%,.-_+#~!$'()*; \x00\t\n\u00e9\u0661\ud800ABCDEFabcdef0123456789"

@@ -82,6 +82,8 @@ class KernelProcess:
         self._stderr_path: Path | None = None
         self._stderr_offset = 0  # where the current child's stderr starts in the file
         self.starts = 0
+        self._attempts = threading.Condition()
+        self.bind_failures = 0  # starts that failed to bind, over this object's life
         self.stdout_noise: list[str] = []  # stdout lines that were neither protocol nor JSON
 
     # -- properties ---------------------------------------------------------------------
@@ -246,6 +248,14 @@ class KernelProcess:
         ``connection_ids``."""
         return self.command("stats")
 
+    def wait_for_bind_failures(self, count: int, timeout: float) -> bool:
+        """Block until ``bind_failures >= count``, at most ``timeout`` s; ``False`` if not.
+
+        Thread-safe: meant for a thread that watches a blocking ``start()``/``restart()``.
+        """
+        with self._attempts:
+            return self._attempts.wait_for(lambda: self.bind_failures >= count, timeout)
+
     def stderr_text(self, *, current_only: bool = False) -> str:
         """The child's stderr so far (all starts, or only the current child's)."""
         if self._stderr_path is None or not self._stderr_path.exists():
@@ -269,6 +279,10 @@ class KernelProcess:
                 return
             except KernelStartError:
                 bind_failed = bool(_BIND_FAILURE.search(self.stderr_text(current_only=True)))
+                if bind_failed:
+                    with self._attempts:
+                        self.bind_failures += 1
+                        self._attempts.notify_all()
                 if not bind_failed or time.monotonic() >= retry_until:
                     raise
             if new_port and self._auto_port:

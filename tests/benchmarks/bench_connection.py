@@ -197,64 +197,72 @@ def bench_dispatch(repeats: int) -> Row:
     )
 
 
-def _throughput(channel: grpc.Channel, threads: int, seconds: float) -> float:
-    stub = host_pb2_grpc.ServerStub(channel)
-    counts = [0] * threads
+def _race(channels: dict[str, grpc.Channel], threads: int, seconds: float) -> dict[str, int]:
+    """``threads`` threads per channel, all at once against the same kernel, each making
+    unary calls back to back for ``seconds``; return the calls each channel completed."""
+    counts = {name: [0] * threads for name in channels}
     stop = threading.Event()
-    start = threading.Barrier(threads + 1)
+    start = threading.Barrier(threads * len(channels) + 1)
 
-    def work(index: int) -> None:
-        start.wait()
+    def work(name: str, channel: grpc.Channel, index: int) -> None:
+        stub = host_pb2_grpc.ServerStub(channel)
         request = empty_pb2.Empty()
-        n = 0
+        start.wait()
+        done = 0
         while not stop.is_set():
             stub.GetVersionInfo(request, timeout=10)
-            n += 1
-        counts[index] = n
+            done += 1
+        counts[name][index] = done
 
-    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    workers = [
+        threading.Thread(target=work, args=(name, channel, index))
+        for name, channel in channels.items()
+        for index in range(threads)
+    ]
     for worker in workers:
         worker.start()
     start.wait()
-    began = time.monotonic()
     pause(seconds)
     stop.set()
     for worker in workers:
         worker.join(30)
-    return sum(counts) / (time.monotonic() - began)
+    return {name: sum(per_thread) for name, per_thread in counts.items()}
 
 
 def bench_throughput(rounds: int, seconds: float) -> Row:
     """8-thread unary RPC throughput through stubs on ``conn.channel()`` / a raw channel.
 
-    Paired rounds: each round measures both, back to back and in alternating order, and
-    the figure is the median of the per-round ratios, so that the machine's load drift
-    (easily +-20 % between rounds here) cancels out.
+    Both clients run at the same time, 8 threads each, against the same kernel, so the
+    machine's load drift (+-20 % between rounds here) hits both alike; each round gives
+    the ratio of their completed calls, and the figure is the median over the rounds. A
+    control runs a second raw channel against the first the same way: its ratio is what
+    "no difference" looks like on this machine.
     """
-    ours, raw, ratios = [], [], []
+    ratios, control, ours, raw = [], [], [], []
     with (
         KernelProcess(keepalive_interval=1.0) as kernel,
         cc.Connection(plaintext(kernel.address)) as conn,
     ):
         conn.connect(timeout=20)
         channel = grpc.insecure_channel(kernel.address)
+        other = grpc.insecure_channel(
+            kernel.address, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
         try:
-            _throughput(channel, 8, 0.5)  # warm both
-            _throughput(conn.channel(), 8, 0.5)
-            for index in range(rounds):
-                if index % 2:
-                    mine = _throughput(conn.channel(), 8, seconds)
-                    theirs = _throughput(channel, 8, seconds)
-                else:
-                    theirs = _throughput(channel, 8, seconds)
-                    mine = _throughput(conn.channel(), 8, seconds)
-                ours.append(mine)
-                raw.append(theirs)
-                ratios.append(mine / theirs)
+            _race({"raw": channel, "ours": conn.channel(), "other": other}, 8, 0.5)  # warm up
+            for _ in range(rounds):
+                counts = _race({"raw": channel, "ours": conn.channel()}, 8, seconds)
+                ours.append(counts["ours"] / seconds)
+                raw.append(counts["raw"] / seconds)
+                ratios.append(counts["ours"] / counts["raw"])
+                counts = _race({"raw": channel, "other": other}, 8, seconds)
+                control.append(counts["other"] / counts["raw"])
         finally:
             channel.close()
+            other.close()
     ratio = statistics.median(ratios)
-    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratio, ratio, ratio]
+    spread = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratio] * 3
+    floor = statistics.quantiles(control, n=4) if len(control) > 1 else [control[0]] * 3
     return Row(
         "8-thread unary throughput, managed / raw",
         statistics.median(ours),
@@ -262,8 +270,9 @@ def bench_throughput(rounds: int, seconds: float) -> Row:
         "calls/s",
         ">= 0.99 (ratio)",
         ratio >= 0.99,
-        f"median of {rounds} paired rounds of {seconds:g} s: ratio {ratio:.3f} "
-        f"(quartiles {quartiles[0]:.3f}..{quartiles[2]:.3f})",
+        f"median of {rounds} concurrent rounds of {seconds:g} s: {ratio:.4f} (quartiles "
+        f"{spread[0]:.4f}..{spread[2]:.4f}); control raw/raw: {statistics.median(control):.4f} "
+        f"({floor[0]:.4f}..{floor[2]:.4f})",
         paired_ratio=ratio,
     )
 
@@ -448,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         "detection": lambda: bench_detection(3 if quick else 9),
         "channel": lambda: bench_channel_call(3 if quick else 7),
         "dispatch": lambda: bench_dispatch(3 if quick else 7),
-        "throughput": lambda: bench_throughput(2 if quick else 15, 1.0 if quick else 2.0),
+        "throughput": lambda: bench_throughput(2 if quick else 10, 1.0 if quick else 2.0),
         "waiters": lambda: bench_waiters(1 if quick else 3, 200 if quick else 1000),
         "close": lambda: bench_close_in_backoff(3 if quick else 9),
         "recovery": lambda: bench_recovery(1 if quick else 3, (2.0,) if quick else (2.0, 5.0, 9.0)),

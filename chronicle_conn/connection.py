@@ -32,6 +32,9 @@ _ALL: weakref.WeakSet[Connection] = weakref.WeakSet()
 
 def _after_fork_in_child() -> None:
     for conn in list(_ALL):
+        # The child runs only this thread now; a lock another thread of the parent held
+        # at the fork would stay held for ever.
+        conn._fork_lock = threading.Lock()
         conn._after_fork()
 
 

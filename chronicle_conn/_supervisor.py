@@ -497,6 +497,16 @@ class Supervisor:
         if thread.is_alive():
             self.log.warning("supervisor_join_timeout", timeout=self.config.close_timeout)
 
+    def abandon(self) -> None:
+        """Close without waiting: for a Connection garbage-collected unclosed (this may
+        run on any thread, in the middle of anything). The supervisor shuts down alone."""
+        with self.cond:
+            if not self.closing:
+                self.closing = True
+                self.armed = False
+                self._transition(_S.CLOSED, error="garbage-collected without close()")
+            self.cond.notify_all()
+
     def stats(self) -> ConnectionStats:
         with self.cond:
             gen = self.current

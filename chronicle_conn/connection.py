@@ -141,6 +141,9 @@ class Connection:
         if name is not None:
             registry.add(name, self)
         _ALL.add(self)
+        # Dropped without close(): tell the supervisor to shut down (it holds only a
+        # weak reference to this object, so nothing else would stop it).
+        self._finalizer = _finalizer(self)
         if auto_connect:
             with self._supervisor.cond:
                 self._supervisor.arm()
@@ -164,7 +167,9 @@ class Connection:
         with self._fork_lock:
             if self._pid == os.getpid():
                 return
+            self._finalizer.detach()  # the parent's supervisor is parked, not closed
             self._supervisor = self._supervisor.forked(self)
+            self._finalizer = _finalizer(self)
             self._pid = os.getpid()
             if self._config.auto_connect:
                 with self._supervisor.cond:
@@ -328,6 +333,14 @@ class Connection:
 
     def _threads(self) -> list[threading.Thread]:
         return self._supervisor.threads()
+
+
+def _finalizer(conn: Connection) -> weakref.finalize[[], Connection]:
+    finalizer = weakref.finalize(conn, conn._supervisor.abandon)
+    # Only for garbage collection: at interpreter exit, waking supervisors to close
+    # channels while Python tears itself down helps nobody.
+    finalizer.atexit = False
+    return finalizer
 
 
 def _connection_string(

@@ -1042,3 +1042,26 @@ def test_generation_resends_only_calls_that_cannot_have_been_sent():
     assert waiting.is_set()
     assert refused.resend
     assert not refused.watch(threading.Event())  # a late caller re-sends at once
+
+
+def test_a_connection_dropped_without_close_shuts_down(devserver):
+    import gc
+
+    ledger = ChannelLedger()
+    conn = cc.Connection(
+        plaintext(devserver.address),
+        connect_fun=ledger.connect,
+        disconnect_fun=ledger.disconnect,
+        **FAST,
+    )
+    conn.connect(timeout=10)
+    supervisor = conn._supervisor
+    thread = supervisor._thread
+    assert thread is not None
+    del conn
+    gc.collect()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert supervisor.state is S.CLOSED
+    assert ledger.open == {}
+    assert supervisor.threads() == []

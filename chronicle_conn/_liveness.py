@@ -123,11 +123,6 @@ class Monitor:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
-    @property
-    def alive(self) -> bool:
-        thread = self._thread
-        return thread is not None and thread.is_alive()
-
     # -- helpers for the stream monitors --------------------------------------------
 
     def _spawn(self, target: Callable[[], None]) -> None:

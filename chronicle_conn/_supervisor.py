@@ -174,7 +174,6 @@ class DelaySchedule:
         self._delays = delays
         self._rng = rng or random.Random()
         self.counted = 0  # attempts that spent the budget
-        self.probes = 0  # early attempts for a waiting caller
         self.delay: float | None = None  # the current exponential delay
         self._due: float | None = None  # when the next counted attempt is due (None: now)
         self._failed_at = 0.0
@@ -186,8 +185,6 @@ class DelaySchedule:
         self._counting = self._due is None or now >= self._due
         if self._counting:
             self.counted += 1
-        else:
-            self.probes += 1
         return self._counting
 
     def failed(self, now: float) -> None:
@@ -727,7 +724,7 @@ class Supervisor:
         with self.cond:
             self._candidate = channel
         try:
-            error = self.await_ready(channel, deadline)
+            error = self._await_ready(channel, deadline)
             monitor: Monitor | None = None
             if error is None:
                 monitor, error = self._establish(channel, deadline)
@@ -735,7 +732,7 @@ class Supervisor:
                 with self.cond:
                     self.counters.generation += 1
                     number = self.counters.generation
-                # seen_ready: await_ready saw READY, so a first callback reporting IDLE
+                # seen_ready: _await_ready saw READY, so a first callback reporting IDLE
                 # (the server died in between) is already suspect.
                 return Generation(number, channel, self._clock(), monitor, seen_ready=True)
         except Exception as exc:
@@ -746,7 +743,7 @@ class Supervisor:
         self._retire_channel(channel)
         return error or AttemptFailed("attempt failed")
 
-    def await_ready(self, channel: grpc.Channel, deadline: float) -> AttemptFailed | None:
+    def _await_ready(self, channel: grpc.Channel, deadline: float) -> AttemptFailed | None:
         """Wait until ``channel`` is READY (None) or fails/times out (the reason).
 
         ``channel_ready_future`` has no failure outcome, so a ``subscribe`` callback ends

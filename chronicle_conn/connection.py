@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from ._supervisor import Clock, DelayFactory, Generation, Supervisor
+from ._supervisor import Clock, Generation, Supervisor
 from .config import ConnectionConfig, LivenessMode, ReconnectPolicy
 from .connection_string import ConnectionString
 from .errors import ConfigurationError, NotConnectedError
@@ -131,7 +131,6 @@ class Connection:
         )
         self._clock = clock
         self._label = name or f"{cs.hosts[0]}#{next(_sequence)}"
-        self._delay_factory: DelayFactory | None = delay_factory
         self._supervisor = Supervisor(
             self, self._config, clock=clock, delay_factory=delay_factory, label=self._label
         )

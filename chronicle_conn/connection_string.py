@@ -9,8 +9,8 @@
 is built (by :meth:`ConnectionString.parse`, by direct construction and by
 :func:`dataclasses.replace`), and every problem is reported as a
 :class:`~chronicle_conn.errors.ConnectionStringError` whose message names the
-offending part and never contains the client secret, the API key or the certificate
-password.
+offending part, says what to change, fits on one line and never contains the client
+secret, the API key or the certificate password.
 
 Parsing rules the grammar above leaves open:
 
@@ -30,18 +30,45 @@ Parsing rules the grammar above leaves open:
   without ``=`` and an empty value are errors for every key.
 * ``srvNameServer`` is only accepted with ``chronicle+srv``.
 * Strings longer than :data:`MAX_LENGTH` characters are rejected before parsing, and
-  so is any value whose canonical form would be longer (explicit ports and
+  so is any value whose full rendering would be longer (explicit ports and
   percent-encoding can make it longer than the text parsed), so that
-  ``parse(str(value)) == value`` always holds.
+  ``parse(value.render_as_string(hide_secrets=False)) == value`` always holds.
 * A secret whose raw ``/``, ``?`` or ``:`` (or a forgotten ``@``) moves it into the
   host list or the query is still never quoted: non-numeric ports and malformed host
   entries are not echoed, and any error in a string with an ``@`` after the host list
   gets a message that quotes nothing. Errors are raised outside ``except`` blocks
   where the caught exception's text could quote a secret (no ``__context__``).
 
-The canonical form (``str()``) has no trailing ``/``, explicit ports (except for a
-service name), percent-encoded user info, and only the non-default query options,
-with keys in their documented spelling, sorted.
+The canonical form has no trailing ``/``, explicit ports (except for a service
+name), percent-encoded user info, and only the non-default query options, with keys
+in their documented spelling, sorted. ``str()``, ``repr()`` and
+:meth:`ConnectionString.redacted` show it with the client secret, ``apiKey`` and
+``certificatePassword`` replaced by ``***`` (as SQLAlchemy 2.0 does for ``str(URL)``),
+so that a connection string in an f-string or a log line gives nothing away;
+:meth:`ConnectionString.render_as_string` with ``hide_secrets=False`` is the one way to
+get the secrets back, for a round trip.
+
+Every :class:`~chronicle_conn.errors.ConnectionStringError` has an ``option`` naming
+what is at fault, from a fixed vocabulary:
+
+* a query key in its documented spelling (one of :data:`QUERY_KEYS`, e.g.
+  ``"disableTls"``, ``"caPath"``, ``"authPort"``) when the fault is in that key's value,
+  the key is repeated or has no value, or the key contradicts another option (then
+  ``option`` names the key to remove or change);
+* ``"scheme"``: a missing or unknown scheme;
+* ``"userinfo"``: the client id or client secret (before the ``@``);
+* ``"host"``: the host list, a host or the ``chronicle+srv`` service name (also the
+  ``hosts`` field and :class:`Endpoint` ``host``);
+* ``"port"``: the port of a host (also :class:`Endpoint` ``port``);
+* ``"query"``: the query's syntax: a stray ``&``, a malformed escape in a key, or an
+  unknown key (the message quotes the key as written; ``option`` stays ``"query"`` so
+  that it never collides with a part's name and never echoes text that may be a
+  misplaced secret);
+* ``"connection_string"``: the string as a whole: too long (as given or as rendered),
+  whitespace, a control character or ``#`` anywhere, or a path after the hosts.
+
+(:meth:`ConnectionString.parse` raises :class:`TypeError`, not a
+``ConnectionStringError``, for an argument that is not a str.)
 """
 
 from __future__ import annotations
@@ -144,7 +171,8 @@ def _show(text: str) -> str:
     return repr(text)
 
 
-def _error(message: str, option: str | None = None) -> ConnectionStringError:
+def _error(message: str, option: str) -> ConnectionStringError:
+    """Build the error; ``option`` is a query key or a part (see the module docstring)."""
     return ConnectionStringError(message, option=option)
 
 
@@ -180,7 +208,10 @@ def _normalize_host(host: str) -> str:
     """
     if ":" in host:
         if "%" in host:
-            raise _error(f"IPv6 zone identifiers are not supported (host {_show(host)})")
+            raise _error(
+                f"IPv6 zone identifiers are not supported (host {_show(host)}); remove the '%...'",
+                "host",
+            )
         try:
             return ipaddress.IPv6Address(host).compressed
         except ValueError:
@@ -189,10 +220,10 @@ def _normalize_host(host: str) -> str:
         # text, which may be a misplaced 'client_id:secret'. Echoed only if it looks
         # like an address for the same reason.
         shown = f"host {_show(host)}" if _IPV6_CHARS.issuperset(host) else "a host"
-        raise _error(f"{shown} is not a valid IPv6 address")
+        raise _error(f"{shown} is not a valid IPv6 address", "host")
     problem = _hostname_problem(host)
     if problem is not None:
-        raise _error(f"host {_show(host)} {problem}")
+        raise _error(f"host {_show(host)} {problem}", "host")
     return host.lower()
 
 
@@ -204,15 +235,18 @@ def _is_ip_literal(host: str) -> bool:
     return True
 
 
-def _check_port(port: object, host: str, option: str | None = None) -> int:
+def _check_port(port: object, host: str) -> int:
+    option = "port"
     if isinstance(port, bool) or not isinstance(port, int):
-        raise _error(f"port of host {_show(host)} must be an int, not {type(port).__name__}")
+        raise _error(
+            f"port of host {_show(host)} must be an int, not {type(port).__name__}", option
+        )
     if not 1 <= port <= 65535:
         raise _error(f"port '{port}' of host {_show(host)} is out of range 1..65535", option)
     return port
 
 
-def _parse_port(text: str, host: str, option: str | None = None) -> int:
+def _parse_port(text: str, host: str, option: str = "port") -> int:
     """Turn the text after ``host:`` into a port number.
 
     Raises:
@@ -230,7 +264,7 @@ def _parse_port(text: str, host: str, option: str | None = None) -> int:
 
 
 def _split_host_port(
-    text: str, where: str = "the host list", option: str | None = None
+    text: str, where: str = "the host list", option: str = "host"
 ) -> tuple[str, str | None]:
     """Split ``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` into (host, port text).
 
@@ -294,14 +328,14 @@ def _check_name_server(value: str) -> None:
         raise _error(f"query key 'srvNameServer': {exc}", option) from exc
 
 
-def _decode(raw: str, what: str, *, show: bool, option: str | None = None) -> str:
+def _decode(raw: str, what: str, *, show: bool, option: str) -> str:
     """Percent-decode ``raw`` strictly; ``what`` names it in errors.
 
     Args:
         raw: the encoded text.
         what: the part's description for error messages.
         show: whether the error message may quote ``raw`` (False for secrets).
-        option: the query key, for the error's ``option``.
+        option: the error's ``option``.
 
     Raises:
         ConnectionStringError: a malformed escape, or bytes that are not UTF-8.
@@ -317,7 +351,7 @@ def _decode(raw: str, what: str, *, show: bool, option: str | None = None) -> st
     raise _error(f"{what}{shown} is not valid UTF-8 once percent-decoded", option)
 
 
-def _check_text(value: object, what: str, *, secret: bool, option: str | None = None) -> None:
+def _check_text(value: object, what: str, *, secret: bool, option: str) -> None:
     """Check an optional text field: None, or a non-empty str without control characters."""
     if value is None:
         return
@@ -362,9 +396,9 @@ class Endpoint:
     def __post_init__(self) -> None:
         host: object = self.host
         if not isinstance(host, str):
-            raise _error(f"host must be a str, not {type(host).__name__}")
+            raise _error(f"host must be a str, not {type(host).__name__}", "host")
         if host.startswith("[") and host.endswith("]"):
-            raise _error(f"host {_show(host)}: give IPv6 addresses without brackets")
+            raise _error(f"host {_show(host)}: give IPv6 addresses without brackets", "host")
         object.__setattr__(self, "host", _normalize_host(host))
         _check_port(self.port, self.host)
 
@@ -389,6 +423,10 @@ class ConnectionString:
     :func:`dataclasses.replace`, :meth:`with_credentials` or :meth:`with_api_key`.
     Every way of building one validates it.
 
+    ``str()``, ``repr()`` and :meth:`redacted` show the secrets (client secret, ``apiKey``,
+    ``certificatePassword``) as ``***``; :meth:`render_as_string` with
+    ``hide_secrets=False`` is the only rendering that includes them.
+
     For ``chronicle+srv``, ``hosts`` holds exactly one :class:`Endpoint` whose host is
     the service name and whose port is :data:`DEFAULT_PORT` (a placeholder: the real
     targets come from the SRV records); :attr:`service_name` returns the name.
@@ -412,7 +450,8 @@ class ConnectionString:
 
     Raises:
         ConnectionStringError: on construction, when any field is invalid or two
-            fields contradict each other. Messages use the query-key spelling.
+            fields contradict each other. Messages use the query-key spelling, and
+            ``option`` is the query key or the part at fault (see the module docstring).
     """
 
     scheme: str = SCHEME
@@ -453,43 +492,55 @@ class ConnectionString:
         self._check_name_server()
         self._check_tls_options()
         self._check_authentication()
-        # So that every valid value round-trips: parse(str(value)) == value.
-        length = len(self._format(redact=False))
+        # So that every valid value round-trips through its full rendering.
+        length = len(self.render_as_string(hide_secrets=False))
         if length > MAX_LENGTH:
             raise _error(
-                f"the canonical form would be {length} characters long; the limit is {MAX_LENGTH}"
+                f"the canonical form would be {length} characters long; the limit is "
+                f"{MAX_LENGTH} (use fewer hosts or shorter values)",
+                "connection_string",
             )
 
     def _check_hosts(self) -> None:
         hosts: object = self.hosts
         if not isinstance(hosts, tuple) or not hosts:
-            raise _error("hosts must be a non-empty tuple of Endpoint")
+            raise _error("hosts must be a non-empty tuple of Endpoint", "host")
         seen: set[Endpoint] = set()
         for endpoint in hosts:
             if not isinstance(endpoint, Endpoint):
-                raise _error(f"hosts must hold Endpoint values, not {type(endpoint).__name__}")
+                raise _error(
+                    f"hosts must hold Endpoint values, not {type(endpoint).__name__}", "host"
+                )
             if endpoint in seen:
-                raise _error(f"host '{endpoint}' is listed more than once")
+                raise _error(f"host '{endpoint}' is listed more than once; remove one", "host")
             seen.add(endpoint)
         if self.scheme == SRV_SCHEME:
             if len(hosts) != 1:
-                raise _error(f"{SRV_SCHEME} takes exactly one service name, not {len(hosts)}")
+                raise _error(
+                    f"{SRV_SCHEME} takes exactly one service name, not {len(hosts)}", "host"
+                )
             (endpoint,) = hosts
             if _is_ip_literal(endpoint.host):
                 raise _error(
-                    f"{SRV_SCHEME} needs a DNS service name, not the address {_show(endpoint.host)}"
+                    f"{SRV_SCHEME} needs a DNS service name, not the address "
+                    f"{_show(endpoint.host)} (use {SCHEME}:// for addresses)",
+                    "host",
                 )
             if endpoint.port != DEFAULT_PORT:
                 raise _error(
                     f"port '{endpoint.port}' is not allowed: {SRV_SCHEME} takes a bare "
-                    f"service name ({_show(endpoint.host)})"
+                    f"service name ({_show(endpoint.host)})",
+                    "port",
                 )
 
     def _check_credentials(self) -> None:
-        _check_text(self.client_id, "client id", secret=False)
-        _check_text(self.client_secret, "client secret", secret=True)
+        _check_text(self.client_id, "client id", secret=False, option="userinfo")
+        _check_text(self.client_secret, "client secret", secret=True, option="userinfo")
         if self.client_secret is not None and self.client_id is None:
-            raise _error("a client secret was given without a client id")
+            raise _error(
+                "a client secret was given without a client id (write client_id:secret@)",
+                "userinfo",
+            )
 
     def _check_name_server(self) -> None:
         _check_text(self.srv_name_server, "srvNameServer", secret=False, option="srvNameServer")
@@ -538,32 +589,40 @@ class ConnectionString:
         Raises:
             TypeError: ``text`` is not a str.
             ConnectionStringError: for any str that is not a valid connection string;
-                the message names the offending part and contains no secret.
+                the message names the offending part and contains no secret, and
+                ``option`` is the query key or the part at fault (see the module
+                docstring).
         """
         if not isinstance(text, str):
             raise TypeError(f"a connection string must be a str, not {type(text).__name__}")
         if len(text) > MAX_LENGTH:
             raise _error(
-                f"connection string is {len(text)} characters long; the limit is {MAX_LENGTH}"
+                f"connection string is {len(text)} characters long; the limit is {MAX_LENGTH}",
+                "connection_string",
             )
         bad = _BAD_RAW_CHAR_RE.search(text)
         if bad is not None:
             raise _error(
                 f"connection string contains whitespace or a control character at index "
-                f"{bad.start()} (percent-encode it)"
+                f"{bad.start()} (percent-encode it)",
+                "connection_string",
             )
         if "#" in text:
-            raise _error("connection string contains '#' (percent-encode it as %23)")
+            raise _error(
+                "connection string contains '#' (percent-encode it as %23)", "connection_string"
+            )
         match = _SCHEME_RE.match(text)
         if match is None:
             raise _error(
                 f"missing scheme: a connection string starts with '{SCHEME}://' "
-                f"or '{SRV_SCHEME}://'"
+                f"or '{SRV_SCHEME}://'",
+                "scheme",
             )
         scheme = match.group(1).lower()
         if scheme not in (SCHEME, SRV_SCHEME):
             raise _error(
-                f"unknown scheme {_show(match.group(1))}; expected '{SCHEME}' or '{SRV_SCHEME}'"
+                f"unknown scheme {_show(match.group(1))}; expected '{SCHEME}' or '{SRV_SCHEME}'",
+                "scheme",
             )
         rest = text[match.end() :]
         # The authority runs to the first '/' or '?'.
@@ -571,10 +630,13 @@ class ConnectionString:
         authority, tail = rest[:end], rest[end:]
         tail = tail.removeprefix("/")
         if tail and not tail.startswith("?"):
-            raise _error("unexpected path after the hosts: only a single '/' may follow them")
+            raise _error(
+                "unexpected path after the hosts: only a single '/' may follow them",
+                "connection_string",
+            )
         userinfo, at, hostlist = authority.rpartition("@")
         if "@" in userinfo:
-            raise _error("the user info contains '@'; percent-encode it as %40")
+            raise _error("the user info contains '@'; percent-encode it as %40", "userinfo")
         client_id, client_secret = _parse_userinfo(userinfo) if at else (None, None)
         try:
             hosts = _parse_hosts(hostlist, srv=scheme == SRV_SCHEME)
@@ -583,7 +645,8 @@ class ConnectionString:
         except ConnectionStringError as exc:
             if "@" not in tail:
                 raise
-            option = exc.option
+            # Every error raised here names a query key or a part, never quoted text.
+            option = exc.option or "connection_string"
         # An '@' after the hosts most likely ends a user info whose raw '/' or '?' cut it
         # short, so the host list and the query may hold pieces of the secret: quote
         # nothing, and raise outside the handler so that no __context__ quotes it either.
@@ -665,24 +728,27 @@ class ConnectionString:
             return AuthenticationMode.API_KEY
         return AuthenticationMode.NONE
 
-    def redacted(self) -> str:
-        """Return the canonical form with the client secret, ``apiKey`` and
-        ``certificatePassword`` shown as ``***``."""
-        return self._format(redact=True)
+    def render_as_string(self, *, hide_secrets: bool = True) -> str:
+        """Return the canonical form, with or without the secrets.
 
-    def __str__(self) -> str:
-        """Return the canonical form (contains secrets; see :meth:`redacted`)."""
-        return self._format(redact=False)
+        Non-blocking and thread-safe (the value is immutable).
 
-    def __repr__(self) -> str:
-        return f"ConnectionString({self.redacted()!r})"
+        Args:
+            hide_secrets: True (the default) shows the client secret, ``apiKey`` and
+                ``certificatePassword`` as ``***``, as ``str()`` does. False writes them,
+                percent-encoded, so that ``parse(cs.render_as_string(hide_secrets=False))
+                == cs``: use it only where the secrets must go (never in a log line).
 
-    def _format(self, *, redact: bool) -> str:
+        Returns:
+            The canonical connection string: no trailing ``/``, explicit ports (except
+            for a service name), percent-encoded user info and only the non-default
+            query options, keys in their documented spelling, sorted.
+        """
         parts = [self.scheme, "://"]
         if self.client_id is not None:
             parts.append(quote(self.client_id, safe=""))
             if self.client_secret is not None:
-                secret = _REDACTED if redact else quote(self.client_secret, safe="")
+                secret = _REDACTED if hide_secrets else quote(self.client_secret, safe="")
                 parts += [":", secret]
             parts.append("@")
         if self.is_srv:
@@ -698,7 +764,7 @@ class ConnectionString:
                 continue
             if value is True:
                 text = "true"
-            elif redact and key in _SECRET_KEYS:
+            elif hide_secrets and key in _SECRET_KEYS:
                 text = _REDACTED
             else:
                 text = quote(str(value), safe=_QUERY_SAFE)
@@ -706,6 +772,21 @@ class ConnectionString:
         if query:
             parts += ["?", "&".join(query)]
         return "".join(parts)
+
+    def redacted(self) -> str:
+        """Return :meth:`render_as_string` with the secrets shown as ``***`` (as ``str()``)."""
+        return self.render_as_string()
+
+    def __str__(self) -> str:
+        """Return the canonical form with the secrets shown as ``***``.
+
+        Safe for f-strings and log lines. It parses back with ``***`` as each secret:
+        use :meth:`render_as_string` with ``hide_secrets=False`` for a round trip.
+        """
+        return self.render_as_string()
+
+    def __repr__(self) -> str:
+        return f"ConnectionString({self.render_as_string()!r})"
 
 
 def _parse_userinfo(userinfo: str) -> tuple[str, str | None]:
@@ -717,14 +798,20 @@ def _parse_userinfo(userinfo: str) -> tuple[str, str | None]:
     raw_id, colon, raw_secret = userinfo.partition(":")
     if not raw_id:
         if colon:
-            raise _error("a client secret was given without a client id")
-        raise _error("empty client id before '@'")
-    client_id = _decode(raw_id, "the client id", show=False)
+            raise _error(
+                "a client secret was given without a client id (write client_id:secret@)",
+                "userinfo",
+            )
+        raise _error("empty client id before '@' (write client_id@ or drop the '@')", "userinfo")
+    client_id = _decode(raw_id, "the client id", show=False, option="userinfo")
     if not colon:
         return client_id, None
     if not raw_secret:
-        raise _error("empty client secret after ':' in the user info")
-    return client_id, _decode(raw_secret, "the client secret", show=False)
+        raise _error(
+            "empty client secret after ':' in the user info (give a secret or drop the ':')",
+            "userinfo",
+        )
+    return client_id, _decode(raw_secret, "the client secret", show=False, option="userinfo")
 
 
 def _parse_hosts(hostlist: str, *, srv: bool) -> tuple[Endpoint, ...]:
@@ -735,21 +822,25 @@ def _parse_hosts(hostlist: str, *, srv: bool) -> tuple[Endpoint, ...]:
             than one name or a port.
     """
     if not hostlist:
-        raise _error("no host given")
+        example = (
+            f"{SRV_SCHEME}://service.example" if srv else f"{SCHEME}://localhost:{DEFAULT_PORT}"
+        )
+        raise _error(f"no host given (e.g. '{example}')", "host")
     segments = hostlist.split(",")
     if srv and len(segments) > 1:
-        raise _error(f"{SRV_SCHEME} takes exactly one service name, not a list of hosts")
+        raise _error(f"{SRV_SCHEME} takes exactly one service name, not a list of hosts", "host")
     endpoints: list[Endpoint] = []
     for segment in segments:
         if not segment:
-            raise _error("empty host in the host list (stray ',')")
+            raise _error("empty host in the host list (stray ',')", "host")
         host, port_text = _split_host_port(segment)
         if srv:
             if port_text is not None:
                 shown = f" {_show(port_text)}" if _DIGITS.issuperset(port_text) else ""
                 raise _error(
                     f"a port{shown} is not allowed: {SRV_SCHEME} takes a bare "
-                    f"service name ({_show(host)})"
+                    f"service name ({_show(host)})",
+                    "port",
                 )
             endpoints.append(Endpoint(host))
         else:
@@ -769,18 +860,28 @@ def _parse_query(query: str) -> dict[str, Any]:
     if not query:
         return options
     seen: set[str] = set()
+    previous: str | None = None  # the key of the parameter before this one
     for param in query.split("&"):
         if not param:
-            raise _error("empty query parameter (stray '&')")
+            raise _error("empty query parameter (stray '&')", "query")
         raw_key, equals, raw_value = param.partition("=")
-        key_text = _decode(raw_key, "query key", show=True)
+        # A "key" right after a secret may be the rest of that secret, cut at a raw '&':
+        # it is never quoted then.
+        after_secret = previous in _SECRET_KEYS
+        key_text = _decode(raw_key, "query key", show=not after_secret, option="query")
         key = _KEYS_BY_LOWER.get(key_text.lower())
         if key is None:
-            raise _error(
-                f"unknown query key {_show(key_text)}; valid keys: {', '.join(QUERY_KEYS)}"
+            # "query", not the key as written: that may be a piece of a misplaced secret,
+            # or collide with a part's name ('?host=x').
+            shown = (
+                f"after '{previous}' (write a '&' in its value as %26)"
+                if after_secret
+                else _show(key_text)
             )
+            raise _error(f"unknown query key {shown}; valid keys: {', '.join(QUERY_KEYS)}", "query")
+        previous = key
         if key in seen:
-            raise _error(f"query key '{key}' is given more than once", key)
+            raise _error(f"query key '{key}' is given more than once; keep one", key)
         seen.add(key)
         if not equals:
             raise _error(f"query key '{key}' has no value (write {key}=...)", key)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import logging
 import pickle
+import re
 from collections.abc import Iterator
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -32,9 +36,34 @@ SECRET = "Sup3rS3cretValue"
 API_KEY = "ApiK3yValue"
 CERT_PASSWORD = "CertPassw0rdValue"
 
+# What ConnectionStringError.option may be: a query key, or a part of the string.
+_CONTROL_CHAR_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+PARTS = frozenset({"scheme", "userinfo", "host", "port", "query", "connection_string"})
+OPTIONS = PARTS | frozenset(QUERY_KEYS)
+
 
 def parse(text: str) -> ConnectionString:
     return ConnectionString.parse(text)
+
+
+def full(value: ConnectionString) -> str:
+    """The rendering with the secrets, for a round trip."""
+    return value.render_as_string(hide_secrets=False)
+
+
+def check_error(exc: ConnectionStringError, option: str | None) -> str:
+    """Check what every ConnectionStringError promises; return its message."""
+    assert type(exc) is ConnectionStringError
+    assert isinstance(exc, ValueError)
+    assert exc.option in OPTIONS, exc.option
+    if option is not None:
+        assert exc.option == option, (exc.option, str(exc))
+    message = str(exc)
+    assert message
+    assert "\n" not in message
+    assert "\r" not in message
+    return message
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -46,27 +75,31 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
-def expect_error(text: str, *fragments: str, secrets: tuple[str, ...] = ()) -> str:
-    """Parse ``text``, expecting exactly a ConnectionStringError naming every fragment."""
+def expect_error(
+    text: str, *fragments: str, option: str | None = None, secrets: tuple[str, ...] = ()
+) -> str:
+    """Parse ``text``, expecting exactly a ConnectionStringError naming every fragment.
+
+    Its ``option`` must be in OPTIONS, and equal ``option`` when that is given.
+    """
     with pytest.raises(ConnectionStringError) as info:
         parse(text)
     exc = info.value
-    assert type(exc) is ConnectionStringError
-    assert isinstance(exc, ValueError)
-    message = str(exc)
+    message = check_error(exc, option)
     for fragment in fragments:
         assert fragment in message, (fragment, message)
     for secret in (SECRET, API_KEY, CERT_PASSWORD, *secrets):
+        assert secret not in str(exc.option), (secret, exc.option)
         for link in _chain(exc):
             assert secret not in str(link), (secret, message)
             assert secret not in repr(link), (secret, message)
     return message
 
 
-def expect_construction_error(*fragments: str, **kwargs: object) -> None:
+def expect_construction_error(*fragments: str, option: str | None = None, **kwargs: object) -> None:
     with pytest.raises(ConnectionStringError) as info:
         ConnectionString(**kwargs)  # type: ignore[arg-type]
-    assert type(info.value) is ConnectionStringError
+    check_error(info.value, option)
     for fragment in fragments:
         assert fragment in str(info.value), (fragment, str(info.value))
     for secret in (SECRET, API_KEY, CERT_PASSWORD):
@@ -112,7 +145,8 @@ def test_default_and_development() -> None:
     assert dev.client_secret == DEVELOPMENT_CLIENT_SECRET
     assert dev.hosts == default.hosts
     assert dataclasses.replace(dev, client_id=None, client_secret=None) == default
-    assert str(dev) == "chronicle://chronicle-dev-client:chronicle-dev-secret@localhost:35000"
+    assert str(dev) == "chronicle://chronicle-dev-client:***@localhost:35000"
+    assert full(dev) == "chronicle://chronicle-dev-client:chronicle-dev-secret@localhost:35000"
     assert dev.authentication_mode is AuthenticationMode.CLIENT_CREDENTIALS
 
 
@@ -178,7 +212,7 @@ def test_each_query_key(query: str, field: str, expected: object) -> None:
 def test_srv_name_server(value: str, expected: str) -> None:
     cs = parse(f"chronicle+srv://svc.example?srvNameServer={value}")
     assert cs.srv_name_server == expected
-    assert parse(str(cs)) == cs
+    assert parse(full(cs)) == cs
 
 
 @pytest.mark.parametrize(
@@ -230,7 +264,7 @@ def test_all_keys_together() -> None:
         "round-robin",
         "key",
     )
-    assert parse(str(cs)) == cs
+    assert parse(full(cs)) == cs
 
 
 # --------------------------------------------------------------------------- hosts
@@ -257,7 +291,7 @@ def test_all_keys_together() -> None:
 def test_hosts(text: str, hosts: tuple[tuple[str, int], ...]) -> None:
     cs = parse(text)
     assert tuple((e.host, e.port) for e in cs.hosts) == hosts
-    assert parse(str(cs)) == cs
+    assert parse(full(cs)) == cs
 
 
 def test_endpoint() -> None:
@@ -276,28 +310,29 @@ def test_endpoint() -> None:
 
 
 @pytest.mark.parametrize(
-    ("host", "port", "fragment"),
+    ("host", "port", "option", "fragment"),
     [
-        ("", 1, "is empty"),
-        ("a b", 1, "'a b'"),
-        ("[::1]", 1, "'[::1]'"),
-        ("-a", 1, "'-a'"),
-        ("a..b", 1, "empty label"),
-        ("x" * 64, 1, "not a valid host name"),
-        (("a." * 127) + "b", 1, "longer than 253"),
-        ("1.2.3.256", 1, "IPv4"),
-        ("::g", 1, "IPv6"),
-        ("fe80::1%eth0", 1, "zone"),
-        ("a", 0, "out of range"),
-        ("a", 65536, "out of range"),
-        ("a", True, "int"),
-        ("a", "80", "int"),
-        (b"a", 1, "str"),
+        ("", 1, "host", "is empty"),
+        ("a b", 1, "host", "'a b'"),
+        ("[::1]", 1, "host", "'[::1]'"),
+        ("-a", 1, "host", "'-a'"),
+        ("a..b", 1, "host", "empty label"),
+        ("x" * 64, 1, "host", "not a valid host name"),
+        (("a." * 127) + "b", 1, "host", "longer than 253"),
+        ("1.2.3.256", 1, "host", "IPv4"),
+        ("::g", 1, "host", "IPv6"),
+        ("fe80::1%eth0", 1, "host", "zone"),
+        ("a", 0, "port", "out of range"),
+        ("a", 65536, "port", "out of range"),
+        ("a", True, "port", "int"),
+        ("a", "80", "port", "int"),
+        (b"a", 1, "host", "str"),
     ],
 )
-def test_endpoint_validation(host: object, port: object, fragment: str) -> None:
+def test_endpoint_validation(host: object, port: object, option: str, fragment: str) -> None:
     with pytest.raises(ConnectionStringError) as info:
         Endpoint(host, port)  # type: ignore[arg-type]
+    check_error(info.value, option)
     assert fragment in str(info.value)
 
 
@@ -308,30 +343,39 @@ def test_srv() -> None:
     assert cs.service_name == "kernel.example"
     assert cs.hosts == (Endpoint("kernel.example", DEFAULT_PORT),)
     assert cs.client_id == "user"
-    assert str(cs) == "chronicle+srv://user:pw@kernel.example?loadBalancer=round-robin"
+    assert full(cs) == "chronicle+srv://user:pw@kernel.example?loadBalancer=round-robin"
+    assert str(cs) == "chronicle+srv://user:***@kernel.example?loadBalancer=round-robin"
     assert parse("CHRONICLE+SRV://svc") == ConnectionString(SRV_SCHEME, (Endpoint("svc"),))
 
 
 @pytest.mark.parametrize(
-    ("text", "fragments"),
+    ("text", "option", "fragments"),
     [
-        ("chronicle+srv://svc:35000", ("port '35000'", "'svc'")),
-        ("chronicle+srv://svc:", ("port ''",)),
-        ("chronicle+srv://a,b", ("exactly one service name",)),
-        ("chronicle+srv://a,", ("exactly one service name",)),
-        ("chronicle+srv://", ("no host",)),
-        ("chronicle+srv://[::1]", ("DNS service name",)),
-        ("chronicle+srv://10.0.0.1", ("DNS service name",)),
-        ("chronicle+srv://svc?srvNameServer=a:b", ("srvNameServer", "not a number")),
-        ("chronicle+srv://svc?srvNameServer=a:99999", ("srvNameServer", "out of range")),
-        ("chronicle+srv://svc?srvNameServer=[::1", ("srvNameServer", "unclosed")),
-        ("chronicle+srv://svc?srvNameServer=::g", ("srvNameServer", "IPv6")),
-        ("chronicle+srv://svc?srvNameServer=", ("srvNameServer", "empty value")),
-        ("chronicle://h?srvNameServer=ns", ("srvNameServer", "chronicle+srv")),
+        ("chronicle+srv://svc:35000", "port", ("port '35000'", "'svc'")),
+        ("chronicle+srv://svc:", "port", ("port ''",)),
+        ("chronicle+srv://a,b", "host", ("exactly one service name",)),
+        ("chronicle+srv://a,", "host", ("exactly one service name",)),
+        ("chronicle+srv://", "host", ("no host",)),
+        ("chronicle+srv://[::1]", "host", ("DNS service name",)),
+        ("chronicle+srv://10.0.0.1", "host", ("DNS service name",)),
+        (
+            "chronicle+srv://svc?srvNameServer=a:b",
+            "srvNameServer",
+            ("srvNameServer", "not a number"),
+        ),
+        (
+            "chronicle+srv://svc?srvNameServer=a:99999",
+            "srvNameServer",
+            ("srvNameServer", "out of range"),
+        ),
+        ("chronicle+srv://svc?srvNameServer=[::1", "srvNameServer", ("srvNameServer", "unclosed")),
+        ("chronicle+srv://svc?srvNameServer=::g", "srvNameServer", ("srvNameServer", "IPv6")),
+        ("chronicle+srv://svc?srvNameServer=", "srvNameServer", ("srvNameServer", "empty value")),
+        ("chronicle://h?srvNameServer=ns", "srvNameServer", ("srvNameServer", "chronicle+srv")),
     ],
 )
-def test_srv_errors(text: str, fragments: tuple[str, ...]) -> None:
-    expect_error(text, *fragments)
+def test_srv_errors(text: str, option: str, fragments: tuple[str, ...]) -> None:
+    expect_error(text, *fragments, option=option)
 
 
 # --------------------------------------------------------------------------- user info
@@ -352,7 +396,7 @@ def test_srv_errors(text: str, fragments: tuple[str, ...]) -> None:
 def test_userinfo_decoding(userinfo: str, client_id: str, secret: str | None) -> None:
     cs = parse(f"chronicle://{userinfo}@h")
     assert (cs.client_id, cs.client_secret) == (client_id, secret)
-    assert parse(str(cs)) == cs
+    assert parse(full(cs)) == cs
 
 
 def test_query_values_are_percent_decoded_and_plus_is_literal() -> None:
@@ -367,145 +411,170 @@ def test_query_values_are_percent_decoded_and_plus_is_literal() -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "fragments"),
+    ("text", "option", "fragments"),
     [
         # scheme
-        ("", ("missing scheme",)),
-        ("localhost:35000", ("missing scheme",)),
-        ("://h", ("missing scheme",)),
-        ("http://h", ("unknown scheme 'http'",)),
-        ("chronicle+tls://h", ("unknown scheme 'chronicle+tls'",)),
-        ("chronicle:/h", ("missing scheme",)),
+        ("", "scheme", ("missing scheme",)),
+        ("localhost:35000", "scheme", ("missing scheme",)),
+        ("://h", "scheme", ("missing scheme",)),
+        ("http://h", "scheme", ("unknown scheme 'http'",)),
+        ("chronicle+tls://h", "scheme", ("unknown scheme 'chronicle+tls'",)),
+        ("chronicle:/h", "scheme", ("missing scheme",)),
         # characters
-        ("chronicle://h\x00", ("control character", "index 13")),
-        ("chronicle://\x7fh", ("control character",)),
-        (" chronicle://h", ("whitespace", "index 0")),
-        ("chronicle://h ", ("whitespace",)),
-        ("chronicle://h\n", ("whitespace",)),
-        ("chronicle://h?caPath=a b", ("whitespace",)),
-        ("chronicle://h\u00a0", ("whitespace",)),
-        ("chronicle://h\ud800", ("control character",)),
-        ("chronicle://h#frag", ("'#'",)),
+        ("chronicle://h\x00", "connection_string", ("control character", "index 13")),
+        ("chronicle://\x7fh", "connection_string", ("control character",)),
+        (" chronicle://h", "connection_string", ("whitespace", "index 0")),
+        ("chronicle://h ", "connection_string", ("whitespace",)),
+        ("chronicle://h\n", "connection_string", ("whitespace",)),
+        ("chronicle://h?caPath=a b", "connection_string", ("whitespace",)),
+        ("chronicle://h\u00a0", "connection_string", ("whitespace",)),
+        ("chronicle://h\ud800", "connection_string", ("control character",)),
+        ("chronicle://h#frag", "connection_string", ("'#'",)),
         # hosts
-        ("chronicle://", ("no host",)),
-        ("chronicle:///", ("no host",)),
-        ("chronicle://?apiKey=x", ("no host",)),
-        ("chronicle://id@", ("no host",)),
-        ("chronicle://a,,b", ("stray ','",)),
-        ("chronicle://,a", ("stray ','",)),
-        ("chronicle://a,", ("stray ','",)),
-        ("chronicle://a:1,a:1", ("'a:1'", "more than once")),
-        ("chronicle://A,a", ("'a:35000'", "more than once")),
-        ("chronicle://:35000", ("port without a host name",)),
-        ("chronicle://a:", ("empty port", "'a'")),
-        ("chronicle://a:0", ("port '0' of host 'a' is out of range 1..65535",)),
-        ("chronicle://a:99999", ("port '99999' of host 'a' is out of range 1..65535",)),
-        ("chronicle://a:65536", ("port '65536'", "out of range")),
-        ("chronicle://a:99999999999999999999", ("port '99999999999999999999'", "range")),
-        ("chronicle://a:" + "9" * 5000, ("out of range",)),
-        ("chronicle://a:-1", ("the port of host 'a' is not a number",)),
-        ("chronicle://a:+1", ("the port of host 'a' is not a number",)),
-        ("chronicle://a:1e3", ("the port of host 'a' is not a number",)),
-        ("chronicle://a:\u0661\u0662", ("not a number",)),
-        ("chronicle://a:1:2", ("several ':'",)),
-        ("chronicle://::1", ("a host '::1' in the host list has several ':'", "brackets")),
-        ("chronicle://[::1", ("unclosed '['",)),
-        ("chronicle://[::1]x", ("after ']'",)),
-        ("chronicle://[::1]]", ("after ']'",)),
-        ("chronicle://[]", ("only IPv6 addresses go in brackets",)),
-        ("chronicle://[a]", ("only IPv6 addresses go in brackets",)),
-        ("chronicle://[1.2.3.4]:1", ("only IPv6",)),
-        ("chronicle://a]", ("misplaced '[' or ']'",)),
-        ("chronicle://a[::1]", ("misplaced '[' or ']'",)),
-        ("chronicle://[::g]", ("a host is not a valid IPv6",)),
-        ("chronicle://[::12345]", ("host '::12345' is not a valid IPv6",)),
-        ("chronicle://[:::1]", ("not a valid IPv6",)),
-        ("chronicle://[fe80::1%25eth0]", ("zone",)),
-        ("chronicle://[::1]:99999", ("port '99999' of host '::1'", "out of range")),
-        ("chronicle://a..b", ("empty label",)),
-        ("chronicle://.a", ("empty label",)),
-        ("chronicle://a.", ("empty label",)),
-        ("chronicle://-a", ("'-a'", "not a valid host name")),
-        ("chronicle://a-", ("not a valid host name",)),
-        ("chronicle://a%41", ("not a valid host name",)),
-        ("chronicle://h\u00e9", ("not a valid host name",)),
-        ("chronicle://" + "a" * 64, ("not a valid host name",)),
-        ("chronicle://" + "a." * 130 + "b", ("longer than 253",)),
-        ("chronicle://1.2.3.256", ("IPv4",)),
-        ("chronicle://123", ("IPv4",)),
-        ("chronicle://a.123", ("IPv4",)),
-        ("chronicle://01.2.3.4", ("IPv4",)),
+        ("chronicle://", "host", ("no host",)),
+        ("chronicle:///", "host", ("no host",)),
+        ("chronicle://?apiKey=x", "host", ("no host",)),
+        ("chronicle://id@", "host", ("no host",)),
+        ("chronicle://a,,b", "host", ("stray ','",)),
+        ("chronicle://,a", "host", ("stray ','",)),
+        ("chronicle://a,", "host", ("stray ','",)),
+        ("chronicle://a:1,a:1", "host", ("'a:1'", "more than once")),
+        ("chronicle://A,a", "host", ("'a:35000'", "more than once")),
+        ("chronicle://:35000", "host", ("port without a host name",)),
+        ("chronicle://a:", "port", ("empty port", "'a'")),
+        ("chronicle://a:0", "port", ("port '0' of host 'a' is out of range 1..65535",)),
+        ("chronicle://a:99999", "port", ("port '99999' of host 'a' is out of range 1..65535",)),
+        ("chronicle://a:65536", "port", ("port '65536'", "out of range")),
+        ("chronicle://a:99999999999999999999", "port", ("port '99999999999999999999'", "range")),
+        ("chronicle://a:" + "9" * 5000, "port", ("out of range",)),
+        ("chronicle://a:-1", "port", ("the port of host 'a' is not a number",)),
+        ("chronicle://a:+1", "port", ("the port of host 'a' is not a number",)),
+        ("chronicle://a:1e3", "port", ("the port of host 'a' is not a number",)),
+        ("chronicle://a:\u0661\u0662", "port", ("not a number",)),
+        ("chronicle://a:1:2", "host", ("several ':'",)),
+        ("chronicle://::1", "host", ("a host '::1' in the host list has several ':'", "brackets")),
+        ("chronicle://[::1", "host", ("unclosed '['",)),
+        ("chronicle://[::1]x", "host", ("after ']'",)),
+        ("chronicle://[::1]]", "host", ("after ']'",)),
+        ("chronicle://[]", "host", ("only IPv6 addresses go in brackets",)),
+        ("chronicle://[a]", "host", ("only IPv6 addresses go in brackets",)),
+        ("chronicle://[1.2.3.4]:1", "host", ("only IPv6",)),
+        ("chronicle://a]", "host", ("misplaced '[' or ']'",)),
+        ("chronicle://a[::1]", "host", ("misplaced '[' or ']'",)),
+        ("chronicle://[::g]", "host", ("a host is not a valid IPv6",)),
+        ("chronicle://[::12345]", "host", ("host '::12345' is not a valid IPv6",)),
+        ("chronicle://[:::1]", "host", ("not a valid IPv6",)),
+        ("chronicle://[fe80::1%25eth0]", "host", ("zone",)),
+        ("chronicle://[::1]:99999", "port", ("port '99999' of host '::1'", "out of range")),
+        ("chronicle://a..b", "host", ("empty label",)),
+        ("chronicle://.a", "host", ("empty label",)),
+        ("chronicle://a.", "host", ("empty label",)),
+        ("chronicle://-a", "host", ("'-a'", "not a valid host name")),
+        ("chronicle://a-", "host", ("not a valid host name",)),
+        ("chronicle://a%41", "host", ("not a valid host name",)),
+        ("chronicle://h\u00e9", "host", ("not a valid host name",)),
+        ("chronicle://" + "a" * 64, "host", ("not a valid host name",)),
+        ("chronicle://" + "a." * 130 + "b", "host", ("longer than 253",)),
+        ("chronicle://1.2.3.256", "host", ("IPv4",)),
+        ("chronicle://123", "host", ("IPv4",)),
+        ("chronicle://a.123", "host", ("IPv4",)),
+        ("chronicle://01.2.3.4", "host", ("IPv4",)),
         # path
-        ("chronicle://h/db", ("unexpected path",)),
-        ("chronicle://h//", ("unexpected path",)),
+        ("chronicle://h/db", "connection_string", ("unexpected path",)),
+        ("chronicle://h//", "connection_string", ("unexpected path",)),
         # user info
-        ("chronicle://@h", ("empty client id",)),
-        ("chronicle://:pw@h", ("secret was given without a client id",)),
-        ("chronicle://id:@h", ("empty client secret",)),
-        ("chronicle://a@b@h", ("'@'", "%40")),
-        ("chronicle://i%zzd@h", ("client id", "'%'")),
-        ("chronicle://i%ffd@h", ("client id", "UTF-8")),
-        ("chronicle://i%00d@h", ("client id", "control character")),
+        ("chronicle://@h", "userinfo", ("empty client id",)),
+        ("chronicle://:pw@h", "userinfo", ("secret was given without a client id",)),
+        ("chronicle://id:@h", "userinfo", ("empty client secret",)),
+        ("chronicle://a@b@h", "userinfo", ("'@'", "%40")),
+        ("chronicle://i%zzd@h", "userinfo", ("client id", "'%'")),
+        ("chronicle://i%ffd@h", "userinfo", ("client id", "UTF-8")),
+        ("chronicle://i%00d@h", "userinfo", ("client id", "control character")),
         # query
-        ("chronicle://h?&", ("stray '&'",)),
-        ("chronicle://h?apiKey=k&", ("stray '&'",)),
-        ("chronicle://h?&apiKey=k", ("stray '&'",)),
-        ("chronicle://h?apiKey=k&&auth=none", ("stray '&'",)),
-        ("chronicle://h?foo=1", ("unknown query key 'foo'; valid keys: apiKey, auth,",)),
-        ("chronicle://h?=1", ("unknown query key ''",)),
-        ("chronicle://h?fo%zz=1", ("query key", "'fo%zz'", "'%'")),
-        ("chronicle://h?disableTls", ("'disableTls'", "no value")),
-        ("chronicle://h?disableTls=", ("'disableTls'", "empty value")),
-        ("chronicle://h?caPath=", ("'caPath'", "empty value")),
-        ("chronicle://h?apiKey=", ("'apiKey'", "empty value")),
-        ("chronicle://h?disableTls=true&disableTls=true", ("'disableTls'", "more than once")),
-        ("chronicle://h?disableTls=true&DISABLETLS=false", ("'disableTls'", "more than once")),
-        ("chronicle://h?disableTls=maybe", ("'disableTls'", "'maybe'")),
-        ("chronicle://h?skipTlsValidation=1", ("'skipTlsValidation'", "'1'")),
-        ("chronicle://h?disableTls=yes", ("'disableTls'", "'yes'")),
-        ("chronicle://h?authPort=0", ("'authPort'", "'0'")),
-        ("chronicle://h?authPort=65536", ("'authPort'", "'65536'")),
-        ("chronicle://h?authPort=abc", ("'authPort'", "'abc'")),
-        ("chronicle://h?authPort=-5", ("'authPort'", "'-5'")),
-        ("chronicle://h?authPort=99999999999999999999", ("'authPort'", "1..65535")),
-        ("chronicle://h?auth=oauth", ("auth", "'none'", "'oauth'")),
-        ("chronicle://h?loadBalancer=random", ("loadBalancer", "'random'", "'round-robin'")),
-        ("chronicle://h?caPath=%zz", ("'caPath'", "'%zz'", "'%'")),
-        ("chronicle://h?caPath=%C3", ("'caPath'", "UTF-8")),
-        ("chronicle://h?caPath=a%0Ab", ("caPath", "control character")),
-        ("chronicle://h?keyPath=/k", ("keyPath requires certificatePath",)),
-        ("chronicle://h?certificatePassword=p", ("certificatePassword requires certificatePath",)),
+        ("chronicle://h?&", "query", ("stray '&'",)),
+        ("chronicle://h?apiKey=k&", "query", ("stray '&'",)),
+        ("chronicle://h?&apiKey=k", "query", ("stray '&'",)),
+        ("chronicle://h?apiKey=k&&auth=none", "query", ("stray '&'",)),
+        ("chronicle://h?foo=1", "query", ("unknown query key 'foo'; valid keys: apiKey, auth,",)),
+        ("chronicle://h?=1", "query", ("unknown query key ''",)),
+        ("chronicle://h?fo%zz=1", "query", ("query key", "'fo%zz'", "'%'")),
+        ("chronicle://h?disableTls", "disableTls", ("'disableTls'", "no value")),
+        ("chronicle://h?disableTls=", "disableTls", ("'disableTls'", "empty value")),
+        ("chronicle://h?caPath=", "caPath", ("'caPath'", "empty value")),
+        ("chronicle://h?apiKey=", "apiKey", ("'apiKey'", "empty value")),
+        (
+            "chronicle://h?disableTls=true&disableTls=true",
+            "disableTls",
+            ("'disableTls'", "more than once"),
+        ),
+        (
+            "chronicle://h?disableTls=true&DISABLETLS=false",
+            "disableTls",
+            ("'disableTls'", "more than once"),
+        ),
+        ("chronicle://h?disableTls=maybe", "disableTls", ("'disableTls'", "'maybe'")),
+        ("chronicle://h?skipTlsValidation=1", "skipTlsValidation", ("'skipTlsValidation'", "'1'")),
+        ("chronicle://h?disableTls=yes", "disableTls", ("'disableTls'", "'yes'")),
+        ("chronicle://h?authPort=0", "authPort", ("'authPort'", "'0'")),
+        ("chronicle://h?authPort=65536", "authPort", ("'authPort'", "'65536'")),
+        ("chronicle://h?authPort=abc", "authPort", ("'authPort'", "'abc'")),
+        ("chronicle://h?authPort=-5", "authPort", ("'authPort'", "'-5'")),
+        ("chronicle://h?authPort=99999999999999999999", "authPort", ("'authPort'", "1..65535")),
+        ("chronicle://h?auth=oauth", "auth", ("auth", "'none'", "'oauth'")),
+        (
+            "chronicle://h?loadBalancer=random",
+            "loadBalancer",
+            ("loadBalancer", "'random'", "'round-robin'"),
+        ),
+        ("chronicle://h?caPath=%zz", "caPath", ("'caPath'", "'%zz'", "'%'")),
+        ("chronicle://h?caPath=%C3", "caPath", ("'caPath'", "UTF-8")),
+        ("chronicle://h?caPath=a%0Ab", "caPath", ("caPath", "control character")),
+        ("chronicle://h?keyPath=/k", "keyPath", ("keyPath requires certificatePath",)),
+        (
+            "chronicle://h?certificatePassword=p",
+            "certificatePassword",
+            ("certificatePassword requires certificatePath",),
+        ),
         # contradictions
         (
             "chronicle://h?disableTls=true&skipTlsValidation=true",
+            "skipTlsValidation",
             ("disableTls", "skipTlsValidation"),
         ),
-        ("chronicle://h?disableTls=true&caPath=/ca", ("disableTls", "caPath")),
-        ("chronicle://h?disableTls=true&certificatePath=/c", ("disableTls", "certificatePath")),
+        ("chronicle://h?disableTls=true&caPath=/ca", "caPath", ("disableTls", "caPath")),
         (
-            "chronicle://h?disableTls=true&certificatePath=/c&keyPath=/k",
+            "chronicle://h?disableTls=true&certificatePath=/c",
+            "certificatePath",
             ("disableTls", "certificatePath"),
         ),
-        ("chronicle://id@h?auth=none", ("auth=none", "client credentials")),
-        ("chronicle://h?auth=none&apiKey=k", ("auth=none", "apiKey")),
-        ("chronicle://id@h?apiKey=k", ("client credentials", "apiKey")),
+        (
+            "chronicle://h?disableTls=true&certificatePath=/c&keyPath=/k",
+            "certificatePath",
+            ("disableTls", "certificatePath"),
+        ),
+        ("chronicle://id@h?auth=none", "auth", ("auth=none", "client credentials")),
+        ("chronicle://h?auth=none&apiKey=k", "auth", ("auth=none", "apiKey")),
+        ("chronicle://id@h?apiKey=k", "apiKey", ("client credentials", "apiKey")),
     ],
 )
-def test_errors(text: str, fragments: tuple[str, ...]) -> None:
-    expect_error(text, *fragments)
+def test_errors(text: str, option: str, fragments: tuple[str, ...]) -> None:
+    """Every raise site of parse(), with the message and the option it gives."""
+    expect_error(text, *fragments, option=option)
 
 
 @pytest.mark.parametrize(
-    "text",
+    ("text", "option"),
     [
-        "chronicle://id:se?cret@h",
-        "chronicle://id:12?cret@h",
-        "chronicle://id:s@e?cret=1@h",
-        "chronicle://h?caPath=/a@b&disableTls=maybe",
+        ("chronicle://id:se?cret@h", "port"),  # the host list is 'id:se'
+        ("chronicle://id:12?cret@h", "query"),  # an unknown key 'cret@h'
+        ("chronicle://id:s@e?cret=1@h", "query"),
+        ("chronicle://h?caPath=/a@b&disableTls=maybe", "disableTls"),
     ],
 )
-def test_at_sign_after_the_host_list_gives_a_message_that_quotes_nothing(text: str) -> None:
-    message = expect_error(text, "'@' after the host list", "percent-encode")
+def test_at_sign_after_the_host_list_gives_a_message_that_quotes_nothing(
+    text: str, option: str
+) -> None:
+    message = expect_error(text, "'@' after the host list", "percent-encode", option=option)
     assert "cret" not in message
     assert message.startswith("invalid connection string, and it has an '@'")
 
@@ -525,24 +594,70 @@ def test_error_option_attribute_names_the_key() -> None:
     assert info.value.option == "caPath"
 
 
+@pytest.mark.parametrize(
+    "key", ["host", "port", "scheme", "userinfo", "connection_string", "apikey2", "Host"]
+)
+def test_an_unknown_key_gives_option_query_whatever_its_name(key: str) -> None:
+    # Never the key as written: '?host=x' must not look like a fault in the host.
+    message = expect_error(f"chronicle://h?{key}=x", "unknown query key", option="query")
+    assert repr(key) in message
+
+
+def test_a_key_spelled_differently_gives_its_documented_spelling() -> None:
+    expect_error("chronicle://h?DISABLETLS=maybe", "'disableTls'", option="disableTls")
+    expect_error("chronicle://h?apikey=a&APIKEY=b", "more than once", option="apiKey")
+    expect_error("chronicle://h?caPATH", "no value", option="caPath")
+
+
+def test_every_raise_goes_through_error_with_an_option() -> None:
+    """Statically: _error requires an option, and every raise in the module uses it.
+
+    (mypy --strict then checks each call passes a str; the error tables above check
+    the values.) The exceptions: a bare re-raise, and parse()'s TypeError for a non-str.
+    """
+    signature = inspect.signature(cs_module._error)
+    assert signature.parameters["option"].default is inspect.Parameter.empty
+    assert signature.parameters["option"].annotation == "str"
+    tree = ast.parse(inspect.getsource(cs_module))
+    others = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Raise) or node.exc is None:
+            continue
+        call = node.exc
+        if isinstance(call, ast.Call) and isinstance(call.func, ast.Name):
+            if call.func.id == "_error":
+                assert len(call.args) == 2 or any(k.arg == "option" for k in call.keywords)
+                continue
+            others.append(call.func.id)
+        else:
+            others.append(ast.dump(call))
+    assert others == ["TypeError"]
+
+
 def test_length_is_bounded() -> None:
     prefix = "chronicle://h:35000?caPath="
     fits = prefix + "a" * (MAX_LENGTH - len(prefix))
     assert len(fits) == MAX_LENGTH
     assert parse(fits).ca_path == "a" * (MAX_LENGTH - len(prefix))
     assert str(parse(fits)) == fits
-    message = expect_error(fits + "a", "characters long", str(MAX_LENGTH))
+    message = expect_error(
+        fits + "a", "characters long", str(MAX_LENGTH), option="connection_string"
+    )
     assert len(message) < 200
-    expect_error("chronicle://" + "a" * 10_000_000, "characters long")
+    expect_error("chronicle://" + "a" * 10_000_000, "characters long", option="connection_string")
 
 
 def test_canonical_form_is_bounded_too() -> None:
     hosts = ",".join(f"h{i}" for i in range(7000))
     assert len("chronicle://" + hosts) < MAX_LENGTH
-    expect_error("chronicle://" + hosts, "canonical form", str(MAX_LENGTH))
-    expect_construction_error("canonical form", ca_path="\u00e9" * 20_000)
+    expect_error(
+        "chronicle://" + hosts, "canonical form", str(MAX_LENGTH), option="connection_string"
+    )
+    expect_construction_error(
+        "canonical form", option="connection_string", ca_path="\u00e9" * 20_000
+    )
     fits = ConnectionString(ca_path="a" * 60_000)
-    assert parse(str(fits)) == fits
+    assert parse(full(fits)) == fits
 
 
 def test_long_parts_are_shortened_in_messages() -> None:
@@ -615,28 +730,72 @@ def test_construction_errors_never_contain_secrets() -> None:
     expect_construction_error("certificatePassword", certificate_password=CERT_PASSWORD + "\x7f")
 
 
-def test_str_redacted_and_repr() -> None:
+def test_str_repr_and_redacted_hide_the_secrets() -> None:
     cs = parse(f"chronicle://id:{SECRET}@h?certificatePath=/c&certificatePassword={CERT_PASSWORD}")
-    assert SECRET in str(cs)
-    assert CERT_PASSWORD in str(cs)
-    assert cs.redacted() == (
-        "chronicle://id:***@h:35000?certificatePassword=***&certificatePath=/c"
+    hidden = "chronicle://id:***@h:35000?certificatePassword=***&certificatePath=/c"
+    assert str(cs) == cs.redacted() == cs.render_as_string() == hidden
+    assert cs.render_as_string(hide_secrets=True) == hidden
+    assert repr(cs) == f"ConnectionString({hidden!r})"
+    assert full(cs) == (
+        f"chronicle://id:{SECRET}@h:35000?certificatePassword={CERT_PASSWORD}&certificatePath=/c"
     )
-    assert repr(cs) == f"ConnectionString({cs.redacted()!r})"
     api = parse(f"chronicle://h?apiKey={API_KEY}")
-    assert api.redacted() == "chronicle://h:35000?apiKey=***"
+    assert str(api) == api.redacted() == "chronicle://h:35000?apiKey=***"
+    assert full(api) == f"chronicle://h:35000?apiKey={API_KEY}"
     for value in (cs, api):
-        for text in (repr(value), value.redacted(), repr([value]), f"{value!r}"):
+        for text in (
+            str(value),
+            repr(value),
+            value.redacted(),
+            value.render_as_string(),
+            str([value]),
+            f"{value}",
+            f"{value!s}",
+            f"{value!r}",
+            f"{value:}",
+            "%s" % value,  # noqa: UP031 - the logging module formats this way
+            "{}".format(value),  # noqa: UP032
+            format(value),
+        ):
             assert SECRET not in text
             assert API_KEY not in text
             assert CERT_PASSWORD not in text
+        assert parse(full(value)) == value
+
+
+def test_str_in_a_log_line_hides_the_secrets(caplog: pytest.LogCaptureFixture) -> None:
+    cs = parse(f"chronicle://id:{SECRET}@h")
+    logger = logging.getLogger("tests.connection_string")
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        logger.info("connecting to %s", cs)
+        logger.info(f"connecting to {cs}")  # what users write
+    assert [record.getMessage() for record in caplog.records] == [
+        "connecting to chronicle://id:***@h:35000"
+    ] * 2
+    assert SECRET not in caplog.text
+
+
+def test_render_as_string_takes_hide_secrets_by_keyword_only() -> None:
+    cs = ConnectionString.development()
+    with pytest.raises(TypeError):
+        cs.render_as_string(False)  # type: ignore[call-arg]
+
+
+def test_the_redacted_form_parses_with_stars_as_the_secrets() -> None:
+    # As with SQLAlchemy's URL: parse(str(cs)) loses the secrets. Round trips need
+    # render_as_string(hide_secrets=False).
+    cs = parse(f"chronicle://id:{SECRET}@h?certificatePath=/c&certificatePassword={CERT_PASSWORD}")
+    again = parse(str(cs))
+    assert (again.client_secret, again.certificate_password) == ("***", "***")
+    assert again != cs
+    assert parse(full(cs)) == cs
 
 
 def test_a_secret_of_stars_is_not_confused_with_redaction() -> None:
     cs = ConnectionString(client_id="i", client_secret="***")
-    assert str(cs) == "chronicle://i:%2A%2A%2A@localhost:35000"
-    assert parse(str(cs)) == cs
-    assert cs.redacted() == "chronicle://i:***@localhost:35000"
+    assert full(cs) == "chronicle://i:%2A%2A%2A@localhost:35000"
+    assert parse(full(cs)) == cs
+    assert str(cs) == cs.redacted() == "chronicle://i:***@localhost:35000"
 
 
 # --------------------------------------------------------------------------- canonical form
@@ -675,11 +834,13 @@ def test_a_secret_of_stars_is_not_confused_with_redaction() -> None:
         ),
     ],
 )
-def test_canonical_str(text: str, canonical: str) -> None:
+def test_canonical_form(text: str, canonical: str) -> None:
     cs = parse(text)
-    assert str(cs) == canonical
+    assert full(cs) == canonical
     assert parse(canonical) == cs
-    assert str(parse(canonical)) == canonical
+    assert full(parse(canonical)) == canonical
+    # str() is the same text with the secrets' places shown as ***.
+    assert str(cs) == _secret_places(canonical, "***")[0]
 
 
 def test_canonical_keys_are_sorted_and_spelled_as_documented() -> None:
@@ -745,7 +906,7 @@ def test_with_api_key() -> None:
     assert cs.api_key == API_KEY
     assert cs.authentication_mode is AuthenticationMode.API_KEY
     assert cs.with_api_key("other").api_key == "other"
-    assert parse(str(cs)) == cs
+    assert parse(full(cs)) == cs
     with pytest.raises(ConnectionStringError, match="apiKey"):
         ConnectionString.development().with_api_key(API_KEY)
     with pytest.raises(ConnectionStringError, match="empty"):
@@ -798,43 +959,53 @@ def test_direct_construction_normalizes() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "fragment"),
+    ("kwargs", "option", "fragment"),
     [
-        ({"scheme": "http"}, "scheme"),
-        ({"scheme": 1}, "scheme"),
-        ({"hosts": ()}, "non-empty tuple"),
-        ({"hosts": [Endpoint("a")]}, "tuple"),
-        ({"hosts": ("a:1",)}, "Endpoint"),
-        ({"hosts": (Endpoint("a"), Endpoint("A"))}, "more than once"),
-        ({"scheme": SRV_SCHEME, "hosts": (Endpoint("a"), Endpoint("b"))}, "exactly one"),
-        ({"scheme": SRV_SCHEME, "hosts": (Endpoint("a", 1),)}, "port '1'"),
-        ({"scheme": SRV_SCHEME, "hosts": (Endpoint("::1"),)}, "DNS service name"),
-        ({"client_id": ""}, "client id"),
-        ({"client_id": 5}, "client id"),
-        ({"client_id": "a\x00"}, "control character"),
-        ({"disable_tls": "true"}, "disableTls"),
-        ({"skip_tls_validation": 1}, "skipTlsValidation"),
-        ({"ca_path": ""}, "caPath"),
-        ({"ca_path": b"/x"}, "caPath"),
-        ({"certificate_path": "c\x00"}, "certificatePath"),
-        ({"key_path": "k"}, "keyPath requires certificatePath"),
-        ({"auth_port": 0}, "authPort"),
-        ({"auth_port": 70000}, "authPort"),
-        ({"auth_port": True}, "authPort"),
-        ({"auth_port": "80"}, "authPort"),
-        ({"auth": "basic"}, "auth"),
-        ({"load_balancer": "random"}, "loadBalancer"),
-        ({"load_balancer": None}, "loadBalancer"),
-        ({"srv_name_server": "ns"}, "chronicle+srv"),
-        ({"scheme": SRV_SCHEME, "srv_name_server": "a b:c"}, "srvNameServer"),
-        ({"disable_tls": True, "skip_tls_validation": True}, "skipTlsValidation"),
-        ({"disable_tls": True, "ca_path": "/ca"}, "caPath"),
-        ({"auth": "none", "api_key": "k"}, "auth=none"),
-        ({"auth": "none", "client_id": "i"}, "auth=none"),
+        ({"scheme": "http"}, "scheme", "scheme"),
+        ({"scheme": 1}, "scheme", "scheme"),
+        ({"hosts": ()}, "host", "non-empty tuple"),
+        ({"hosts": [Endpoint("a")]}, "host", "tuple"),
+        ({"hosts": ("a:1",)}, "host", "Endpoint"),
+        ({"hosts": (Endpoint("a"), Endpoint("A"))}, "host", "more than once"),
+        ({"scheme": SRV_SCHEME, "hosts": (Endpoint("a"), Endpoint("b"))}, "host", "exactly one"),
+        ({"scheme": SRV_SCHEME, "hosts": (Endpoint("a", 1),)}, "port", "port '1'"),
+        ({"scheme": SRV_SCHEME, "hosts": (Endpoint("::1"),)}, "host", "DNS service name"),
+        ({"client_id": ""}, "userinfo", "client id"),
+        ({"client_id": 5}, "userinfo", "client id"),
+        ({"client_id": "a\x00"}, "userinfo", "control character"),
+        ({"client_secret": "s"}, "userinfo", "without a client id"),
+        ({"client_id": "i", "client_secret": ""}, "userinfo", "client secret"),
+        ({"disable_tls": "true"}, "disableTls", "disableTls"),
+        ({"skip_tls_validation": 1}, "skipTlsValidation", "skipTlsValidation"),
+        ({"ca_path": ""}, "caPath", "caPath"),
+        ({"ca_path": b"/x"}, "caPath", "caPath"),
+        ({"certificate_path": "c\x00"}, "certificatePath", "certificatePath"),
+        ({"key_path": "k"}, "keyPath", "keyPath requires certificatePath"),
+        ({"certificate_password": "p"}, "certificatePassword", "requires certificatePath"),
+        ({"api_key": ""}, "apiKey", "apiKey"),
+        ({"auth_port": 0}, "authPort", "authPort"),
+        ({"auth_port": 70000}, "authPort", "authPort"),
+        ({"auth_port": True}, "authPort", "authPort"),
+        ({"auth_port": "80"}, "authPort", "authPort"),
+        ({"auth": "basic"}, "auth", "auth"),
+        ({"load_balancer": "random"}, "loadBalancer", "loadBalancer"),
+        ({"load_balancer": None}, "loadBalancer", "loadBalancer"),
+        ({"srv_name_server": "ns"}, "srvNameServer", "chronicle+srv"),
+        ({"srv_name_server": ""}, "srvNameServer", "srvNameServer"),
+        ({"scheme": SRV_SCHEME, "srv_name_server": "a b:c"}, "srvNameServer", "srvNameServer"),
+        ({"scheme": SRV_SCHEME, "srv_name_server": "::g"}, "srvNameServer", "IPv6"),
+        ({"disable_tls": True, "skip_tls_validation": True}, "skipTlsValidation", "skipTls"),
+        ({"disable_tls": True, "ca_path": "/ca"}, "caPath", "caPath"),
+        ({"auth": "none", "api_key": "k"}, "auth", "auth=none"),
+        ({"auth": "none", "client_id": "i"}, "auth", "auth=none"),
+        ({"client_id": "i", "api_key": "k"}, "apiKey", "apiKey"),
+        ({"ca_path": "\u00e9" * 20_000}, "connection_string", "canonical form"),
     ],
 )
-def test_direct_construction_is_validated(kwargs: dict[str, object], fragment: str) -> None:
-    expect_construction_error(fragment, **kwargs)
+def test_direct_construction_is_validated(
+    kwargs: dict[str, object], option: str, fragment: str
+) -> None:
+    expect_construction_error(fragment, option=option, **kwargs)
 
 
 def test_replace_is_validated() -> None:
@@ -849,7 +1020,7 @@ def test_replace_is_validated() -> None:
 
 def test_srv_name_server_direct_construction() -> None:
     cs = ConnectionString(SRV_SCHEME, (Endpoint("svc"),), srv_name_server="2001:db8::53")
-    assert parse(str(cs)) == cs
+    assert parse(full(cs)) == cs
 
 
 # --------------------------------------------------------------------------- properties
@@ -878,8 +1049,16 @@ def _optional(strategy: st.SearchStrategy[str]) -> st.SearchStrategy[str | None]
 
 
 @st.composite
-def connection_strings(draw: st.DrawFn) -> ConnectionString:
-    """Valid ConnectionString values, built from their components."""
+def connection_strings(
+    draw: st.DrawFn,
+    texts: st.SearchStrategy[str] = _SAFE_TEXT,
+    secrets: st.SearchStrategy[str] = _SAFE_TEXT,
+) -> ConnectionString:
+    """Valid ConnectionString values, built from their components.
+
+    ``texts`` gives the client id and the paths; ``secrets`` the client secret, the
+    API key and the certificate password.
+    """
     srv = draw(st.booleans())
     if srv:
         hosts: tuple[Endpoint, ...] = (Endpoint(draw(_HOSTNAMES)),)
@@ -892,20 +1071,20 @@ def connection_strings(draw: st.DrawFn) -> ConnectionString:
     if mode == "auth-none":
         auth = "none"
     elif mode == "client":
-        client_id = draw(_SAFE_TEXT)
-        client_secret = draw(_optional(_SAFE_TEXT))
+        client_id = draw(texts)
+        client_secret = draw(_optional(secrets))
     elif mode == "api-key":
-        api_key = draw(_SAFE_TEXT)
+        api_key = draw(secrets)
     disable_tls = draw(st.booleans())
     skip = False
     ca_path = certificate_path = key_path = certificate_password = None
     if not disable_tls:
         skip = draw(st.booleans())
-        ca_path = draw(_optional(_SAFE_TEXT))
-        certificate_path = draw(_optional(_SAFE_TEXT))
+        ca_path = draw(_optional(texts))
+        certificate_path = draw(_optional(texts))
         if certificate_path is not None:
-            key_path = draw(_optional(_SAFE_TEXT))
-            certificate_password = draw(_optional(_SAFE_TEXT))
+            key_path = draw(_optional(texts))
+            certificate_password = draw(_optional(secrets))
     return ConnectionString(
         SRV_SCHEME if srv else SCHEME,
         hosts,
@@ -957,14 +1136,15 @@ def _secret_places(text: str, replacement: str) -> tuple[str, dict[str, str]]:
 @settings(max_examples=500, deadline=None, database=None)
 @given(connection_strings())
 def test_round_trip(value: ConnectionString) -> None:
-    text = str(value)
+    text = value.render_as_string(hide_secrets=False)
     assert text.isascii()
     assert not any(c.isspace() for c in text)
     parsed = ConnectionString.parse(text)
     assert parsed == value
     assert hash(parsed) == hash(value)
-    assert str(parsed) == text
+    assert parsed.render_as_string(hide_secrets=False) == text
     redacted = value.redacted()
+    assert str(value) == value.render_as_string() == redacted
     assert repr(value) == f"ConnectionString({redacted!r})"
     # Only the secrets' places change, and each shows ***.
     expected, held = _secret_places(text, "***")
@@ -980,10 +1160,47 @@ def test_round_trip(value: ConnectionString) -> None:
             continue
         assert shown[field] == "***", (field, redacted)
         assert getattr(unredacted, field) == "***", (field, redacted)
-        encoded = held[field]  # how str() writes the secret
+        encoded = held[field]  # how the full rendering writes the secret
         assert unquote(encoded) == secret
         if encoded not in public:  # else it is also (part of) a host, the id or an option
             assert encoded not in redacted, (field, redacted)
+
+
+# Every secret holds MARKER, which no other field can: then a rendering that contains
+# MARKER, raw or percent-encoded, shows (part of) a secret.
+_MARKER = "\u2603"
+_MARKED_SECRETS = st.builds(lambda a, b: a + _MARKER + b, _SAFE_TEXT, st.text(max_size=3)).filter(
+    lambda secret: _CONTROL_CHAR_RE.search(secret) is None
+)
+_UNMARKED_TEXT = _SAFE_TEXT.filter(lambda text: _MARKER not in text)
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(connection_strings(texts=_UNMARKED_TEXT, secrets=_MARKED_SECRETS))
+def test_str_repr_and_redacted_never_contain_a_secret(value: ConnectionString) -> None:
+    secrets = [getattr(value, field) for field in _SECRET_FIELDS]
+    secrets = [secret for secret in secrets if secret is not None]
+    encoded_marker = quote(_MARKER)
+    rendered = value.render_as_string(hide_secrets=False)
+    if secrets:  # the marker test is meaningful: the full rendering does show them
+        assert encoded_marker in rendered
+    for text in (str(value), repr(value), value.redacted(), f"{value}", "%s" % value):  # noqa: UP031
+        assert _MARKER not in text
+        assert encoded_marker not in text
+        for secret in secrets:
+            assert secret not in text
+            assert quote(secret, safe="") not in text
+    assert ConnectionString.parse(rendered) == value
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(connection_strings())
+def test_without_secrets_str_is_the_full_rendering(value: ConnectionString) -> None:
+    value = dataclasses.replace(value, client_secret=None, api_key=None, certificate_password=None)
+    text = value.render_as_string(hide_secrets=False)
+    assert str(value) == value.redacted() == value.render_as_string() == text
+    assert repr(value) == f"ConnectionString({text!r})"
+    assert ConnectionString.parse(str(value)) == value
 
 
 _URL_ALPHABET = "abcAZ09:/@[]?&=%,.-_+#~!$'()*; \x00\t\n\u00e9\u0661\ud800ABCDEFabcdef0123456789"
@@ -1143,13 +1360,13 @@ def _parse_or_error(text: str) -> ConnectionString | ConnectionStringError:
 def _check_arbitrary(text: str) -> None:
     value = _parse_or_error(text)
     if isinstance(value, ConnectionStringError):
-        assert type(value) is ConnectionStringError
-        assert isinstance(value, ValueError)
-        assert str(value)
+        check_error(value, None)  # option is in OPTIONS, one-line message
         return
     assert isinstance(value, ConnectionString)
-    again = ConnectionString.parse(str(value))
+    rendered = value.render_as_string(hide_secrets=False)
+    again = ConnectionString.parse(rendered)
     assert again == value
+    assert again.render_as_string(hide_secrets=False) == rendered
     assert str(again) == str(value)
     assert repr(value).startswith("ConnectionString(")
 
@@ -1210,3 +1427,19 @@ def test_errors_never_echo_secrets(prefix: str, tail: str) -> None:
     for secret in (SECRET, API_KEY, CERT_PASSWORD):
         assert secret not in repr(value)
         assert secret not in value.redacted()
+
+
+@pytest.mark.parametrize("secret_key", ["apiKey", "certificatePassword"])
+def test_a_secret_cut_at_a_raw_ampersand_is_not_quoted(secret_key):
+    """``?apiKey=abc&def``: the "unknown key" is the rest of the secret; never quote it."""
+    text = f"chronicle://h?disableTls=false&{secret_key}=abc&Sekr3tRest"
+    if secret_key == "certificatePassword":
+        text = f"chronicle://h?certificatePath=/x.p12&{secret_key}=abc&Sekr3tRest"
+    with pytest.raises(ConnectionStringError) as info:
+        ConnectionString.parse(text)
+    assert "Sekr3tRest" not in str(info.value)
+    assert info.value.option == "query"
+    assert "%26" in str(info.value)  # and it says what to change
+    with pytest.raises(ConnectionStringError) as info:
+        ConnectionString.parse(f"chronicle://h?{secret_key}=abc&Sekr%zzRest")
+    assert "Sekr" not in str(info.value)

@@ -9,10 +9,10 @@ with cc.Connection("chronicle://localhost:35000?disableTls=true") as conn:
 
 from __future__ import annotations
 
-__version__ = "0.1.0.dev0"
-
+from ._calls import CallError
+from ._version import __version__
 from .config import ConnectionConfig, LivenessMode, ReconnectPolicy
-from .connection import Connection
+from .connection import Connection, registry
 from .connection_string import AuthenticationMode, ConnectionString, Endpoint
 from .errors import (
     AuthenticationError,
@@ -27,13 +27,14 @@ from .errors import (
     RetriesExhaustedError,
     UnknownNameError,
 )
-from .managed_channel import ManagedChannel, UnavailableError
-from .registry import ConnectionRegistry, registry
+from .managed_channel import ManagedChannel
+from .registry import ConnectionRegistry
 from .states import ConnectionState, ConnectionStats, StateChange
 
 __all__ = [
     "AuthenticationError",
     "AuthenticationMode",
+    "CallError",
     "ChronicleConnError",
     "ConfigurationError",
     "ConnectTimeoutError",
@@ -54,7 +55,6 @@ __all__ = [
     "RegistryError",
     "RetriesExhaustedError",
     "StateChange",
-    "UnavailableError",
     "UnknownNameError",
     "__version__",
     "registry",

@@ -13,6 +13,15 @@ from typing import Any
 
 import grpc
 
+# grpc imports these lazily, inside insecure_channel(), secure_channel(),
+# channel_ready_future() and intercept_channel(). Imported here, at package import, so
+# that no background thread of ours is the first to import them: a module imported by a
+# thread while another thread forks is left half-initialised in the child.
+import grpc._channel
+import grpc._interceptor
+import grpc._utilities
+from grpc._cython import cygrpc  # type: ignore[attr-defined]  # untyped
+
 from .config import ConnectionConfig
 from .connection_string import ConnectionString
 from .errors import ConfigurationError
@@ -117,9 +126,35 @@ class ChannelFactory:
             return grpc.insecure_channel(self.target, options=self.options)
         return grpc.secure_channel(self.target, self._credentials, options=self.options)
 
-    def dispose(self, channel: grpc.Channel) -> None:
-        """Close ``channel`` (through ``disconnect_fun`` when one is configured). Blocks."""
+    def dispose(self, channel: grpc.Channel, *, unavailable: str | None = None) -> None:
+        """Close ``channel`` (through ``disconnect_fun`` when one is configured).
+
+        Calls still in flight end with ``CANCELLED`` ("Channel closed!"), as on any
+        closed channel; with ``unavailable``, they end with ``UNAVAILABLE`` and that text
+        instead (a channel the library gave up on, not one the application closed), when
+        the channel is one of grpc's own. Fast: the library's channels have no
+        connectivity poller to wait for.
+        """
         if self._disconnect_fun is not None:
             self._disconnect_fun(channel)
-        else:
-            channel.close()
+            return
+        if unavailable is not None:
+            _close_unavailable(channel, unavailable)
+        channel.close()
+
+
+def _close_unavailable(channel: grpc.Channel, details: str) -> None:
+    """Close grpc's core channel with ``UNAVAILABLE`` so that its calls end that way.
+
+    ``grpc.Channel.close()`` always cancels with ``CANCELLED``, which means "the client
+    cancelled" and which retry code does not retry. The core channel's own ``close`` takes
+    the status; the public ``close()`` that follows then finds it closed and only does
+    its bookkeeping. Any other channel type is left to the public ``close()``.
+    """
+    core = getattr(channel, "_channel", None)
+    if not isinstance(channel, grpc._channel.Channel) or core is None:
+        return
+    try:
+        core.close(cygrpc.StatusCode.unavailable, details)
+    except Exception:  # an unexpected grpc version: the public close() still runs
+        return

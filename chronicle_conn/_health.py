@@ -8,7 +8,9 @@ messages live under a private proto package (``chronicle_conn.health``, generate
 identical on the wire — and this module wires them to the real method paths by hand.
 
 Client side: :func:`check_callable` and :func:`watch_callable` build the
-multicallables on any channel; :func:`check` is a one-call convenience.
+multicallables on any channel; :func:`probe_callable` is ``Check`` on raw bytes (an empty
+request asks about the whole server), which any server answers somehow; :func:`check` is
+a one-call convenience.
 Server side: :class:`HealthServicer` keeps the statuses and serves ``Check`` and
 ``Watch`` through :meth:`HealthServicer.generic_handler`.
 """
@@ -38,6 +40,7 @@ __all__ = [
     "ServingStatus",
     "check",
     "check_callable",
+    "probe_callable",
     "watch_callable",
 ]
 
@@ -61,6 +64,21 @@ def check_callable(
         request_serializer=HealthCheckRequest.SerializeToString,
         response_deserializer=HealthCheckResponse.FromString,
     )
+
+
+def probe_callable(channel: grpc.Channel) -> grpc.UnaryUnaryMultiCallable[bytes, bytes]:
+    """Return ``Check`` on raw bytes: an empty request is ``service=""`` on the wire.
+
+    Any answer (even ``UNIMPLEMENTED`` from a server without health) proves the server
+    reachable; ``UNAVAILABLE`` says the transport is down, and why.
+    """
+    return channel.unary_unary(
+        CHECK_METHOD, request_serializer=_identity, response_deserializer=_identity
+    )
+
+
+def _identity(data: bytes) -> bytes:
+    return data
 
 
 def watch_callable(

@@ -1,10 +1,29 @@
 """Liveness monitors: how a connection notices that its server is gone.
 
-A monitor belongs to one channel generation. The supervisor starts it during an attempt
-(``start()``), waits until it is established, and then watches its ``status`` and
-``deadline()`` under the connection's Condition. Each stream monitor reads its stream on
-a thread of its own and reports through that Condition; it never calls back into the
-supervisor and never holds the lock during a gRPC call.
+A monitor belongs to one channel generation. The dialer starts it during an attempt and
+waits until it is established; the supervisor then watches its ``status``,
+``deadline()`` and ``suspect`` under the connection's Condition, and calls ``tick()``
+when ``next_tick()`` is due. A monitor never calls into the supervisor and never holds
+the lock during a gRPC call.
+
+What each mode watches (every signal feeds the same Condition):
+
+- ``keepalive``: the Chronicle kernel's ``Connect`` stream, read on a thread of its own,
+  each keep-alive answered with the unary ``ConnectionKeepAlive``. The stream fails within
+  milliseconds when the server dies; no keep-alive for ``stale_after`` means a hung kernel
+  or a silent partition; an answer failing with ``UNAVAILABLE`` makes the transport
+  suspect.
+- ``health``: a ``grpc.health.v1.Health/Watch`` stream (NOT_SERVING pushed at once, the
+  stream failing when the server dies), plus a ``Check`` every ``probe_interval`` with a
+  deadline: a Watch stream alone cannot see a silent partition (no message is due on it),
+  so no answer for ``stale_after`` means lost.
+- ``transport``: a fail-fast ``Check`` on raw bytes every ``probe_interval``: any answer,
+  even ``UNIMPLEMENTED``, proves the server there; ``UNAVAILABLE`` makes the transport
+  suspect; no answer for ``stale_after`` means lost.
+
+None of them subscribes to the channel's connectivity: grpc's connectivity poller holds
+every ``close()`` of a channel it watches for up to 200 ms, costs a thread and wakes five
+times a second; the in-flight stream or the probe sees a dead server as fast or faster.
 """
 
 from __future__ import annotations
@@ -19,17 +38,17 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-import structlog
 from google.protobuf import empty_pb2
 
-from ._proto import clients_pb2, health_pb2
+from . import _health
+from ._log import QuietLog
+from ._proto import clients_pb2
 from .config import LivenessMode
 
-__all__ = ["Monitor", "MonitorStatus", "make_monitor", "rpc_status"]
+__all__ = ["AUTO_ORDER", "Monitor", "MonitorStatus", "make_monitor", "rpc_status"]
 
-_CONNECT = "/Cratis.Chronicle.Contracts.Clients.ConnectionService/Connect"
-_KEEPALIVE = "/Cratis.Chronicle.Contracts.Clients.ConnectionService/ConnectionKeepAlive"
-_HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+CONNECT_METHOD = "/Cratis.Chronicle.Contracts.Clients.ConnectionService/Connect"
+KEEPALIVE_METHOD = "/Cratis.Chronicle.Contracts.Clients.ConnectionService/ConnectionKeepAlive"
 
 # Codes that mean "this server does not offer that liveness service" rather than "down".
 _UNSUPPORTED = frozenset(
@@ -41,7 +60,14 @@ _UNSUPPORTED = frozenset(
     }
 )
 
-_log = structlog.get_logger("chronicle_conn")
+#: Codes of a probe that say nothing answered: the server is not (or no longer) there.
+NO_ANSWER = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
 
 
 def rpc_status(error: BaseException) -> tuple[grpc.StatusCode | None, str | None]:
@@ -51,6 +77,12 @@ def rpc_status(error: BaseException) -> tuple[grpc.StatusCode | None, str | None
         return call.code(), call.details()
     except AttributeError:
         return None, str(error) or None
+
+
+def describe(error: BaseException) -> str:
+    """``CODE: details`` of a gRPC error, for messages and logs."""
+    code, details = rpc_status(error)
+    return f"{code.name if code else type(error).__name__}: {details}"
 
 
 class MonitorStatus(enum.Enum):
@@ -66,9 +98,21 @@ class MonitorStatus(enum.Enum):
 
 
 class Monitor:
-    """Base: the transport-only monitor, established at once, with nothing to watch."""
+    """Base, and the ``transport`` monitor: periodic fail-fast probes, no thread.
+
+    Args:
+        channel: the generation's channel.
+        cond: the connection's Condition; every field below is guarded by it.
+        clock: the connection's monotonic clock.
+        thread_name: the name for a reader thread, if the mode has one.
+        stale_after: no sign of life for this long means lost.
+        probe_interval: seconds between periodic probes (modes that probe).
+        log: the connection's logger.
+        client_version: sent to the kernel in ``ConnectRequest``.
+    """
 
     mode = LivenessMode.TRANSPORT
+    probes = True
 
     def __init__(
         self,
@@ -78,7 +122,8 @@ class Monitor:
         *,
         thread_name: str,
         stale_after: float,
-        answer_timeout: float = 2.0,
+        probe_interval: float,
+        log: QuietLog,
         client_version: str = "",
     ) -> None:
         self._channel = channel
@@ -86,26 +131,86 @@ class Monitor:
         self._clock = clock
         self._thread_name = thread_name
         self._stale_after = stale_after
-        self._answer_timeout = answer_timeout
+        self._probe_interval = probe_interval
+        self._log = log
         self._client_version = client_version
         self._thread: threading.Thread | None = None
         # Guarded by cond:
         self.status = MonitorStatus.PENDING
         self.error: str | None = None
         self.last_seen: float | None = None
-        self.received = 0
+        self.received = 0  # keep-alives received (keepalive mode)
+        #: Set when a sign says the transport may be gone; the supervisor verifies it.
+        self.suspect: str | None = None
         self._call: Any = None
         self._stopping = False
+        self._probing = False
+        self._next_probe: float | None = None
 
     def start(self) -> None:
         """Begin watching. Does not block."""
         with self._cond:
-            self.status = MonitorStatus.ESTABLISHED
+            self._established()
             self._cond.notify_all()
 
+    def _established(self) -> None:
+        """Lock held."""
+        now = self._clock()
+        self.status = MonitorStatus.ESTABLISHED
+        self.last_seen = now
+        if self.probes:
+            self._next_probe = now + self._probe_interval
+
     def deadline(self) -> float | None:
-        """The clock time at which silence means loss, or None. Call under the lock."""
-        return None
+        """The clock time at which silence means loss, or None. Lock held."""
+        if self.status is not MonitorStatus.ESTABLISHED or self.last_seen is None:
+            return None
+        return self.last_seen + self._stale_after
+
+    def next_tick(self) -> float | None:
+        """When :meth:`tick` is due, or None. Lock held."""
+        if self.status is not MonitorStatus.ESTABLISHED or self._probing:
+            return None
+        return self._next_probe
+
+    def tick(self) -> None:
+        """Send the periodic probe (non-blocking; the answer arrives on a gRPC thread)."""
+        with self._cond:
+            if self._stopping or self._probing or self._next_probe is None:
+                return
+            self._probing = True
+            self._next_probe = self._clock() + self._probe_interval
+        try:
+            future = self._probe()
+        except ValueError as exc:  # the channel was closed under us
+            with self._cond:
+                self._probing = False
+                self.suspect = f"probe: {exc}"
+                self._cond.notify_all()
+            return
+        future.add_done_callback(self._on_probe)
+
+    def _probe(self) -> Any:
+        return _health.probe_callable(self._channel).future(
+            b"", timeout=self._stale_after, wait_for_ready=False
+        )
+
+    def _on_probe(self, future: Any) -> None:
+        error = _exception(future)
+        code = _code(error)
+        with self._cond:
+            self._probing = False
+            if self._stopping:
+                return
+            if code not in NO_ANSWER:
+                self._alive(future if error is None else None)
+            elif code is grpc.StatusCode.UNAVAILABLE and error is not None:
+                self.suspect = f"probe: {describe(error)}"
+            self._cond.notify_all()
+
+    def _alive(self, answer: Any) -> None:
+        """A probe was answered (``answer``: the successful future, or None). Lock held."""
+        self.last_seen = self._clock()
 
     def stop(self) -> None:
         """Stop watching: cancel the stream. Does not block; call ``join()`` after."""
@@ -123,6 +228,10 @@ class Monitor:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
+
     # -- helpers for the stream monitors --------------------------------------------
 
     def _spawn(self, target: Callable[[], None]) -> None:
@@ -139,6 +248,14 @@ class Monitor:
         if cancel:
             call.cancel()
         return not cancel
+
+    def _fail(self, what: str, exc: BaseException) -> None:
+        """The stream could not even be started (a closed channel, say)."""
+        with self._cond:
+            if not self._stopping:
+                self.status = MonitorStatus.FAILED
+                self.error = f"{what}: {exc}"
+                self._cond.notify_all()
 
     def _finish(self, error: grpc.RpcError | None, what: str) -> None:
         code, details = rpc_status(error) if error is not None else (None, None)
@@ -162,15 +279,11 @@ class KeepAliveMonitor(Monitor):
     """The Chronicle kernel's keep-alive: the ``Connect`` stream, each ping answered."""
 
     mode = LivenessMode.KEEPALIVE
+    probes = False
 
     def start(self) -> None:
         self.connection_id = str(uuid.uuid4())
         self._spawn(self._run)
-
-    def deadline(self) -> float | None:
-        if self.status is not MonitorStatus.ESTABLISHED or self.last_seen is None:
-            return None
-        return self.last_seen + self._stale_after
 
     def _request(self) -> clients_pb2.ConnectRequest:
         return clients_pb2.ConnectRequest(
@@ -185,12 +298,12 @@ class KeepAliveMonitor(Monitor):
 
     def _run(self) -> None:
         connect = self._channel.unary_stream(
-            _CONNECT,
+            CONNECT_METHOD,
             request_serializer=clients_pb2.ConnectRequest.SerializeToString,
             response_deserializer=clients_pb2.ConnectionKeepAlive.FromString,
         )
         answer = self._channel.unary_unary(
-            _KEEPALIVE,
+            KEEPALIVE_METHOD,
             request_serializer=clients_pb2.ConnectionKeepAlive.SerializeToString,
             response_deserializer=empty_pb2.Empty.FromString,
         )
@@ -200,44 +313,41 @@ class KeepAliveMonitor(Monitor):
             if not self._set_call(call):
                 return
             for ping in call:
-                now = self._clock()
                 with self._cond:
                     if self._stopping:
                         return
-                    self.last_seen = now
-                    self.received += 1
                     if self.status is MonitorStatus.PENDING:
-                        self.status = MonitorStatus.ESTABLISHED
+                        self._established()
                         self._cond.notify_all()
+                    self.last_seen = self._clock()
+                    self.received += 1
                 # Answer without blocking the reader: a slow answer must not delay
                 # noticing the next ping.
-                answer.future(ping, timeout=self._answer_timeout).add_done_callback(
-                    _log_answer_failure
-                )
+                answer.future(ping, timeout=self._stale_after).add_done_callback(self._on_answer)
         except grpc.RpcError as exc:
             error = exc
         except ValueError as exc:  # "Cannot invoke RPC on closed channel!"
-            with self._cond:
-                if not self._stopping:
-                    self.status = MonitorStatus.FAILED
-                    self.error = f"keep-alive stream: {exc}"
-                    self._cond.notify_all()
+            self._fail("keep-alive stream", exc)
             return
         self._finish(error, "keep-alive stream")
 
-
-def _log_answer_failure(future: Any) -> None:
-    try:
-        exc = future.exception()
-    except grpc.FutureCancelledError:
-        return
-    if exc is not None:
-        code, _ = rpc_status(exc)
-        _log.debug("keepalive_answer_failed", code=code.name if code else repr(exc))
+    def _on_answer(self, future: Any) -> None:
+        error = _exception(future)
+        if error is None:
+            return
+        code = _code(error)
+        with self._cond:
+            if self._stopping:
+                return
+            if code is grpc.StatusCode.UNAVAILABLE and self.suspect is None:
+                self.suspect = f"keep-alive answer: {describe(error)}"
+                self._cond.notify_all()
+        self._log.debug("keepalive_answer_failed", error=describe(error))
 
 
 class HealthMonitor(Monitor):
-    """A ``grpc.health.v1.Health/Watch`` stream on the overall service (``""``)."""
+    """A ``grpc.health.v1.Health/Watch`` stream on the whole server (``""``), plus a
+    periodic ``Check`` with a deadline (the Watch stream cannot see a partition)."""
 
     mode = LivenessMode.HEALTH
 
@@ -245,53 +355,84 @@ class HealthMonitor(Monitor):
         self._spawn(self._run)
 
     def _run(self) -> None:
-        watch = self._channel.unary_stream(
-            _HEALTH_WATCH,
-            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-            response_deserializer=health_pb2.HealthCheckResponse.FromString,
-        )
-        serving = health_pb2.HealthCheckResponse.SERVING
+        serving = _health.SERVING
         error: grpc.RpcError | None = None
         try:
-            call = watch(health_pb2.HealthCheckRequest(service=""), wait_for_ready=False)
+            call = _health.watch_callable(self._channel)(
+                _health.HealthCheckRequest(service=""), wait_for_ready=False
+            )
             if not self._set_call(call):
                 return
             for response in call:
                 with self._cond:
                     if self._stopping:
                         return
-                    self.last_seen = self._clock()
-                    self.received += 1
                     if response.status == serving:
                         if self.status is MonitorStatus.PENDING:
-                            self.status = MonitorStatus.ESTABLISHED
+                            self._established()
+                        self.last_seen = self._clock()
                     else:
-                        name = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-                        self.error = f"health: {name}"
-                        if self.status is MonitorStatus.PENDING:
-                            self.status = MonitorStatus.FAILED
-                        else:
-                            self.status = MonitorStatus.LOST
+                        self._not_serving(response.status)
                     self._cond.notify_all()
                     if self.status in (MonitorStatus.FAILED, MonitorStatus.LOST):
                         break
         except grpc.RpcError as exc:
             error = exc
         except ValueError as exc:
-            with self._cond:
-                if not self._stopping:
-                    self.status = MonitorStatus.FAILED
-                    self.error = f"health watch: {exc}"
-                    self._cond.notify_all()
+            self._fail("health watch", exc)
             return
         with self._cond:
             done = self.status in (MonitorStatus.FAILED, MonitorStatus.LOST)
-        if done:
             call = self._call
+        if done:
             if call is not None:
                 call.cancel()
             return
         self._finish(error, "health watch")
+
+    def _not_serving(self, status: _health.ServingStatus) -> None:
+        """Lock held."""
+        name = _health.HealthCheckResponse.ServingStatus.Name(status)
+        self.error = f"health: {name}"
+        if self.status is MonitorStatus.PENDING:
+            self.status = MonitorStatus.FAILED
+        elif self.status is MonitorStatus.ESTABLISHED:
+            self.status = MonitorStatus.LOST
+
+    def _probe(self) -> Any:
+        return _health.check_callable(self._channel).future(
+            _health.HealthCheckRequest(service=""),
+            timeout=self._stale_after,
+            wait_for_ready=False,
+        )
+
+    def _alive(self, answer: Any) -> None:
+        if answer is None:
+            # Answered with an error (UNIMPLEMENTED: Watch without Check): the server is
+            # there, but this probe says nothing more; the Watch stream still watches.
+            self.last_seen = self._clock()
+            return
+        status = answer.result().status
+        if status == _health.SERVING:
+            self.last_seen = self._clock()
+        else:
+            self._not_serving(status)
+
+
+def _code(error: BaseException | None) -> grpc.StatusCode | None:
+    """The status of a finished call: OK, its code, or CANCELLED for a cancelled future."""
+    if error is None:
+        return grpc.StatusCode.OK
+    if isinstance(error, grpc.FutureCancelledError):
+        return grpc.StatusCode.CANCELLED
+    return rpc_status(error)[0]
+
+
+def _exception(future: Any) -> BaseException | None:
+    try:
+        return future.exception()  # type: ignore[no-any-return]
+    except grpc.FutureCancelledError as exc:
+        return exc
 
 
 _MONITORS: dict[LivenessMode, type[Monitor]] = {

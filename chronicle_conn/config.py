@@ -10,15 +10,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import backoff
-
 from .connection_string import ConnectionString
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
     import grpc
-
-    from .connection import Connection
 
 __all__ = [
     "ConnectionConfig",
@@ -122,17 +118,12 @@ class ReconnectPolicy:
     def delays(self, rng: random.Random | None = None) -> Iterator[float]:
         """Yield the delays of one budget, forever (the caller counts the attempts).
 
-        The schedule comes from ``backoff.expo``; jitter is applied here as a fraction of
+        The schedule comes from ``backoff.expo``; jitter is applied as a fraction of
         each delay. Thread-safe to call; the iterator itself belongs to one thread.
         """
-        rand = rng or random.Random()
-        schedule = backoff.expo(
-            base=self.multiplier, factor=self.base_delay, max_value=self.max_delay
-        )
-        next(schedule)  # backoff's generators are primed with one bare next()
-        for value in schedule:
-            spread = value * self.jitter
-            yield max(0.0, value + rand.uniform(-spread, spread))
+        from ._schedule import exponential  # noqa: PLC0415 - _schedule imports this module
+
+        return exponential(self, rng)
 
 
 @dataclass(frozen=True)
@@ -152,11 +143,13 @@ class ConnectionConfig:
         attempt_timeout: bound on one attempt against a host that never answers.
         keepalive_stale_after: no keep-alive for this long means the connection is lost.
         max_channel_age: replace the channel after this long (None: never).
-        drain_timeout: how long a replaced channel keeps serving calls already started.
+        drain_timeout: how long a replaced or lost channel may finish the calls already
+            on it before it is closed anyway (None: as long as they take).
         close_timeout: bound on joining the supervisor in ``close()``.
         connect_fun: ``(target, options) -> grpc.Channel``, replaces channel creation.
         disconnect_fun: ``(channel) -> None``, replaces ``channel.close()``.
-        on_retries_exhausted: ``(connection) -> None``, called when the budget runs out.
+        on_retries_exhausted: ``(connection) -> None``, called when the budget runs out
+            (with the ``Connection``).
         logger: a structlog-style logger to use instead of the module's.
     """
 
@@ -169,7 +162,7 @@ class ConnectionConfig:
     attempt_timeout: float = 5.0
     keepalive_stale_after: float = 5.0
     max_channel_age: float | None = None
-    drain_timeout: float = 1.0
+    drain_timeout: float | None = 30.0
     close_timeout: float = 5.0
     connect_fun: Callable[[str, Sequence[tuple[str, Any]]], grpc.Channel] | None = field(
         default=None, compare=False, repr=False
@@ -177,7 +170,7 @@ class ConnectionConfig:
     disconnect_fun: Callable[[grpc.Channel], None] | None = field(
         default=None, compare=False, repr=False
     )
-    on_retries_exhausted: Callable[[Connection], None] | None = field(
+    on_retries_exhausted: Callable[[Any], None] | None = field(
         default=None, compare=False, repr=False
     )
     logger: Any = field(default=None, compare=False, repr=False)
@@ -207,7 +200,7 @@ class ConnectionConfig:
             _positive(option, getattr(self, option))
         if self.max_channel_age is not None:
             _positive("max_channel_age", self.max_channel_age)
-        if _number("drain_timeout", self.drain_timeout) < 0:
+        if self.drain_timeout is not None and _number("drain_timeout", self.drain_timeout) < 0:
             raise ConfigurationError(
                 f"drain_timeout must be >= 0 seconds, got {self.drain_timeout!r}",
                 option="drain_timeout",

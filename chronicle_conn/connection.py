@@ -1,8 +1,15 @@
-"""``Connection``: one resilient gRPC channel to a Chronicle kernel (or any gRPC server)."""
+"""``Connection``: one resilient gRPC channel to a Chronicle kernel (or any gRPC server).
+
+The public object wires the parts together and owns nothing slow itself: the core
+(``_core``) holds the state, the supervisor (``_supervisor``) runs the loop, the managed
+channel (``managed_channel``) is what callers use. Nothing in the package imports this
+module but ``__init__``.
+"""
 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 import time
@@ -13,24 +20,33 @@ from typing import Any
 
 import grpc
 
-from ._supervisor import Clock, Generation, Supervisor
+from . import _schedule
+from ._channel_factory import ChannelFactory
+from ._core import Core
+from ._generation import park
+from ._log import connection_log
+from ._supervisor import Supervisor
 from .config import ConnectionConfig, LivenessMode, ReconnectPolicy
 from .connection_string import ConnectionString
 from .errors import ConfigurationError, NotConnectedError
 from .managed_channel import ManagedChannel
-from .registry import registry
+from .registry import ConnectionRegistry
 from .states import ConnectionState, ConnectionStats, StateChange
 
-__all__ = ["Connection"]
+__all__ = ["Connection", "registry"]
 
 _S = ConnectionState
 _sequence = itertools.count(1)
+
+#: The default registry that ``Connection(name=...)`` registers in.
+registry: ConnectionRegistry[Connection] = ConnectionRegistry()
 
 # Every live connection, so that a fork can reset them in the child.
 _ALL: weakref.WeakSet[Connection] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
+    registry._lock = threading.Lock()
     for conn in list(_ALL):
         # The child runs only this thread now; a lock another thread of the parent held
         # at the fork would stay held for ever.
@@ -49,6 +65,8 @@ class Connection:
     starts dialing at once; it does not block. Every method is thread-safe. After
     ``fork()`` the child's connection starts over in IDLE with its own channel (and
     dials at once with ``auto_connect``); the parent's channel is never touched there.
+    After ``close()`` every method raises :class:`ConnectionClosedError`, except
+    ``close()`` itself, ``remove_listener()`` (no-ops), ``stats()`` and the properties.
 
     Args:
         connection_string: a ``str`` or :class:`ConnectionString`; default
@@ -59,7 +77,7 @@ class Connection:
         retry_attempts: retries after a failed first attempt before FAILED; None: forever.
         reconnect_base_delay, reconnect_max_delay, reconnect_multiplier,
             reconnect_jitter: the backoff schedule (seconds; see :class:`ReconnectPolicy`).
-        auto_connect: dial at construction; else stay IDLE until ``connect()``.
+        auto_connect: dial at construction; else stay IDLE until ``connect()`` (or a call).
         name: register in :data:`chronicle_conn.registry` under this name.
         liveness: ``"auto"``, ``"keepalive"``, ``"health"`` or ``"transport"``.
         connect_fun: ``(target, options) -> grpc.Channel``, replaces channel creation.
@@ -67,9 +85,10 @@ class Connection:
         on_retries_exhausted: ``(connection) -> None``, called when a budget runs out.
         logger: a structlog logger to use (default ``structlog.get_logger("chronicle_conn")``).
         attempt_timeout: bound on one attempt (a host that never answers), seconds.
-        keepalive_stale_after: silence on the keep-alive stream that means "lost", seconds.
+        keepalive_stale_after: no sign of life for this long means lost, seconds.
         max_channel_age: replace the channel after this many seconds (None: never).
-        drain_timeout: how long a replaced channel may finish its calls, seconds.
+        drain_timeout: how long a replaced or lost channel may finish its calls before it
+            is closed anyway, seconds (None: as long as they take).
         close_timeout: bound on joining the supervisor in ``close()``, seconds.
         clock: monotonic clock (a seam for tests).
         delay_factory: ``(ReconnectPolicy) -> Iterator[float]`` (a seam for tests).
@@ -99,9 +118,9 @@ class Connection:
         attempt_timeout: float = 5.0,
         keepalive_stale_after: float = 5.0,
         max_channel_age: float | None = None,
-        drain_timeout: float = 1.0,
+        drain_timeout: float | None = 30.0,
         close_timeout: float = 5.0,
-        clock: Clock = time.monotonic,
+        clock: Callable[[], float] = time.monotonic,
         delay_factory: Callable[[ReconnectPolicy], Iterator[float]] | None = None,
     ) -> None:
         cs = _connection_string(connection_string, server_address)
@@ -112,7 +131,7 @@ class Connection:
             multiplier=reconnect_multiplier,
             jitter=reconnect_jitter,
         )
-        self._config = ConnectionConfig(
+        config = ConnectionConfig(
             connection_string=cs,
             grpc_options=grpc_options,  # type: ignore[arg-type]  # normalised by the config
             policy=policy,
@@ -129,50 +148,63 @@ class Connection:
             on_retries_exhausted=on_retries_exhausted,
             logger=logger,
         )
-        self._clock = clock
+        factory = ChannelFactory(config)
+        # Imported now, on the constructing thread, never by the supervisor's thread.
+        _schedule.load()
+        self._config = config
         self._label = name or f"{cs.hosts[0]}#{next(_sequence)}"
-        self._supervisor = Supervisor(
-            self, self._config, clock=clock, delay_factory=delay_factory, label=self._label
-        )
+        log = connection_log(config.logger, connection=name or self._label, target=cs.redacted())
+        self._core = core = Core(config, clock=clock, label=self._label, log=log)
+        self._supervisor = Supervisor(core, factory, delay_factory=delay_factory)
+        self._managed = ManagedChannel(core)
+        core.bind(self._supervisor.start, self)
         self._pid = os.getpid()
         self._fork_lock = threading.Lock()
-        self._managed = ManagedChannel(self)
         if name is not None:
             registry.add(name, self)
         _ALL.add(self)
-        # Dropped without close(): tell the supervisor to shut down (it holds only a
-        # weak reference to this object, so nothing else would stop it).
-        self._finalizer = _finalizer(self)
+        # Dropped without close(): shut down. The managed channel is the last thing to
+        # go (stubs keep it, and so the connection, alive); nothing refers back to it or
+        # to this object, so plain reference counting runs this, even with the cycle
+        # collector disabled or frozen.
+        self._finalizer = weakref.finalize(self._managed, core.abandon)
+        # At interpreter exit, waking supervisors to close channels while Python tears
+        # itself down helps nobody.
+        self._finalizer.atexit = False
         if auto_connect:
-            with self._supervisor.cond:
-                self._supervisor.arm()
+            with core.cond:
+                core.arm()
 
     # ------------------------------------------------------------------ fork
     #
-    # Two guards: the ``os.register_at_fork`` hook swaps in a fresh supervisor in the
-    # child at once, and every call off the hot path compares the pid too (a fork that
+    # Two guards: the ``os.register_at_fork`` hook resets every connection in the child
+    # at once, and every call off the hot path compares the pid too (a fork that
     # bypassed the hook). The hot paths (``channel()``, ``connected``, ``state``, calls
     # through the channel when connected) rely on the hook alone: ``os.getpid()`` is a
-    # system call, slower than all the rest of ``channel()``, and a child's fresh
-    # supervisor has no current generation, so the child always takes a slow path.
+    # system call, slower than all the rest of ``channel()``, and a child's reset core
+    # has no current generation, so the child always takes a slow path.
 
-    def _check_fork(self) -> Supervisor:
+    def _check_fork(self) -> Core:
         if self._pid != os.getpid():
             self._after_fork()
-        return self._supervisor
+        return self._core
 
     def _after_fork(self) -> None:
-        """Child side of ``fork()``: a fresh supervisor, IDLE, the parent's channels parked."""
+        """Child side of ``fork()``: the inherited channels parked, IDLE, fresh locks."""
         with self._fork_lock:
             if self._pid == os.getpid():
                 return
-            self._finalizer.detach()  # the parent's supervisor is parked, not closed
-            self._supervisor = self._supervisor.forked(self)
-            self._finalizer = _finalizer(self)
+            core = self._core
+            gen = core.current
+            if gen is not None:
+                park(gen)
+            self._supervisor.reset_after_fork()
+            core.reset_after_fork()
+            self._managed.reset_after_fork()
             self._pid = os.getpid()
             if self._config.auto_connect:
-                with self._supervisor.cond:
-                    self._supervisor.arm()
+                with core.cond:
+                    core.arm()
 
     # ------------------------------------------------------------------ public API
 
@@ -188,12 +220,12 @@ class Connection:
     @property
     def state(self) -> ConnectionState:
         """The current :class:`ConnectionState`. Non-blocking, lock-free."""
-        return self._supervisor.state
+        return self._core.state
 
     @property
     def connected(self) -> bool:
         """Whether the state is CONNECTED. Non-blocking, lock-free."""
-        return self._supervisor.current is not None
+        return self._core.current is not None
 
     def connect(self, timeout: float | None = None) -> Connection:
         """Block until CONNECTED, then return ``self``.
@@ -204,50 +236,45 @@ class Connection:
         may wait at once.
 
         Args:
-            timeout: seconds to wait; None waits as long as the retry budget lasts.
+            timeout: seconds to wait (>= 0); None waits as long as the retry budget lasts.
 
         Raises:
             ConnectTimeoutError: not connected within ``timeout`` (also a ``TimeoutError``).
             RetriesExhaustedError: the retry budget ran out (the last cause is chained).
             ConnectionClosedError: the connection is or was closed while waiting.
+            ConfigurationError: ``timeout`` is negative or NaN.
+            TypeError: ``timeout`` is not a number.
         """
-        supervisor = self._check_fork()
-        if supervisor.current is not None:
+        core = self._check_fork()
+        core.check_open()
+        seconds = _timeout(timeout)
+        if core.current is not None:
             return self
-        deadline = None if timeout is None else self._clock() + timeout
-        supervisor.wait_connected(deadline)
+        core.wait_connected(None if seconds is None else core.clock() + seconds)
         return self
-
-    def _wait_generation(self, deadline: float | None) -> Generation:
-        return self._check_fork().wait_connected(deadline)
-
-    def _demand_fail_fast(self) -> None:
-        """A caller found us not connected: re-arm a FAILED or IDLE connection (no wait)."""
-        supervisor = self._check_fork()
-        with supervisor.cond:
-            if supervisor.state in (_S.FAILED, _S.IDLE):
-                supervisor.arm()
 
     def channel(self) -> ManagedChannel:
         """Return the connection's stable channel. Non-blocking.
 
         The same :class:`ManagedChannel` every time; stubs built on it stay valid for the
-        life of the connection. On a FAILED connection this also re-arms it.
+        life of the connection. While not connected this counts as demand (the
+        supervisor dials sooner; a FAILED or IDLE connection is re-armed).
 
         Raises:
             NotConnectedError: not CONNECTED right now (``.state`` says what it is).
+            ConnectionClosedError: the connection is closed (a ``NotConnectedError`` too).
         """
-        if self._supervisor.current is not None:
+        if self._core.current is not None:
             return self._managed
-        supervisor = self._check_fork()
-        if supervisor.current is not None:
+        core = self._check_fork()
+        if core.current is not None:
             return self._managed
-        state = supervisor.state
-        if state is _S.FAILED:
-            self._demand_fail_fast()
+        core.check_open()
+        core.note_demand()
+        state = core.state
         raise NotConnectedError(
-            f"connection {self._label} is not connected (state {state.value}; "
-            f"last error: {supervisor.last_error})",
+            f"connection {self._label} is not connected ({core.describe()}); "
+            "use connect(timeout) to wait, or managed_channel for stubs made before",
             state=state,
         )
 
@@ -271,41 +298,48 @@ class Connection:
         Listeners run on the supervisor thread (CLOSED: on the thread calling
         ``close()``), outside any lock, one at a time and in order. So they hear of a
         change a moment after it happened: ``connect()`` may return before they are told
-        of CONNECTED. They must not block; an exception is logged and otherwise ignored.
-        A listener may call ``close()``. Listeners added after construction miss the
-        changes before (``auto_connect=False`` lets you add them first).
+        of CONNECTED. They must not block; whatever one raises is logged and otherwise
+        ignored. A listener may call ``close()``. Listeners added after construction
+        miss the changes before (``auto_connect=False`` lets you add them first).
+
+        Raises:
+            ConnectionClosedError: the connection is closed.
         """
         self._check_fork().add_listener(listener)
 
-    def _add_listener_at(self, listener: Callable[[StateChange], None]) -> ConnectionState:
-        """``add_listener``, returning the state the listener's changes start from."""
-        return self._check_fork().add_listener(listener)
-
     def remove_listener(self, listener: Callable[[StateChange], None]) -> None:
-        """Stop calling ``listener``. Unknown listeners are ignored."""
+        """Stop calling ``listener``. Unknown listeners are ignored (also after close)."""
         self._check_fork().remove_listener(listener)
 
     def stats(self) -> ConnectionStats:
-        """A consistent snapshot of state and counters. Non-blocking (a short lock)."""
+        """A consistent snapshot of state and counters (also after close). Non-blocking."""
         return self._check_fork().stats()
 
     def reconnect(self) -> None:
-        """Drop the current channel and dial a fresh one (a new generation).
+        """Replace the channel with a freshly dialed one (a new generation). Non-blocking.
 
-        Non-blocking. Calls already running on the old channel get ``drain_timeout`` to
-        finish. On an IDLE or FAILED connection this arms it.
+        Make-before-break: while connected, the new channel is dialed while the old one
+        serves; calls then go to the new one, and the old one is closed once its calls
+        in flight have finished (at most ``drain_timeout`` later). If the new one cannot
+        be dialed, the old one stays. On an IDLE or FAILED connection this arms it; while
+        reconnecting it makes the next attempt now.
+
+        Raises:
+            ConnectionClosedError: the connection is closed.
         """
         self._check_fork().request_reconnect()
 
     def close(self) -> None:
         """Close the connection: CLOSED, waiters fail, channels closed. Idempotent.
 
-        Blocks until the supervisor has stopped (bounded by ``close_timeout``). Safe from
-        any thread, including a listener (then it returns at once and the supervisor
-        finishes when the listener returns).
+        Calls still in flight end with ``CANCELLED``. Blocks until the supervisor has
+        stopped (bounded by ``close_timeout``). Safe from any thread, including a
+        listener (then it returns at once and the supervisor finishes when the listener
+        returns).
         """
-        supervisor = self._check_fork()
-        supervisor.close()
+        self._check_fork()
+        self._supervisor.close()
+        self._finalizer.detach()
         name = self._config.name
         if name is not None:
             registry._discard(name, self)
@@ -313,6 +347,7 @@ class Connection:
     disconnect = close
 
     def __enter__(self) -> Connection:
+        self._core.check_open()
         return self
 
     def __exit__(
@@ -324,22 +359,33 @@ class Connection:
         self.close()
 
     def __repr__(self) -> str:
-        supervisor = self._supervisor
         return (
-            f"<Connection name={self._config.name!r} state={supervisor.state.value} "
+            f"<Connection name={self._config.name!r} state={self._core.state.value} "
             f"target={self._config.connection_string.redacted()!r}>"
         )
 
     def _threads(self) -> list[threading.Thread]:
-        return self._supervisor.threads()
+        """The threads this connection started that are still alive (tests, diagnosis)."""
+        suffix = f"[{self._label}]"
+        return [
+            thread
+            for thread in threading.enumerate()
+            if thread.name.startswith("chronicle_conn-") and thread.name.endswith(suffix)
+        ]
 
 
-def _finalizer(conn: Connection) -> weakref.finalize[[], Connection]:
-    finalizer = weakref.finalize(conn, conn._supervisor.abandon)
-    # Only for garbage collection: at interpreter exit, waking supervisors to close
-    # channels while Python tears itself down helps nobody.
-    finalizer.atexit = False
-    return finalizer
+def _timeout(value: object) -> float | None:
+    """Validate a ``timeout`` argument: None, or a number of seconds >= 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, not {type(value).__name__}")
+    if math.isnan(value) or value < 0:
+        raise ConfigurationError(
+            f"timeout must be >= 0 seconds (or None to wait without a deadline), got {value!r}",
+            option="timeout",
+        )
+    return None if math.isinf(value) else float(value)
 
 
 def _connection_string(

@@ -82,8 +82,11 @@ class RetriesExhaustedError(ChronicleConnError):
         self.attempts = attempts
 
 
-class ConnectionClosedError(ChronicleConnError):
-    """The connection was closed (or closed while the caller waited)."""
+class ConnectionClosedError(NotConnectedError):
+    """The connection was closed (or closed while the caller waited).
+
+    A :class:`NotConnectedError` too: ``except NotConnectedError`` covers both.
+    """
 
 
 class AuthenticationError(ChronicleConnError):

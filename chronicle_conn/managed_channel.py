@@ -2,21 +2,30 @@
 
 Stubs are built on it once (at import time, before a fork, before an outage) and stay
 valid for the life of the connection: each call goes to the connection's *current*
-underlying channel (its "generation"). The inner multicallable is cached per generation,
-so the per-call cost is two attribute reads and an identity check.
+underlying channel (its "generation"). The inner multicallable is cached per
+generation, so a call costs a few attribute reads, an identity check and the
+generation's in-flight bookkeeping (a small lock, twice) on top of grpc's own.
+
+Every call kind returns exactly what gRPC returns, and reports errors the way gRPC
+does: blocking calls raise a ``grpc.RpcError``; ``future()`` and streaming calls return a
+call object that carries the error. When the connection has no channel to send on, that
+object is a :class:`~chronicle_conn.CallError` (see ``_calls``).
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from ._calls import CallError
+from ._core import Core
+from ._generation import Generation
 from .errors import (
-    ChronicleConnError,
     ConnectionClosedError,
     ConnectTimeoutError,
     NotConnectedError,
@@ -24,11 +33,18 @@ from .errors import (
 )
 from .states import ConnectionState, StateChange
 
-if TYPE_CHECKING:
-    from ._supervisor import Generation
-    from .connection import Connection
+__all__ = ["ManagedChannel"]
 
-__all__ = ["ManagedChannel", "UnavailableError"]
+_S = ConnectionState
+_Code = grpc.StatusCode
+_CONNECTIVITY = {
+    _S.IDLE: grpc.ChannelConnectivity.IDLE,
+    _S.CONNECTING: grpc.ChannelConnectivity.CONNECTING,
+    _S.CONNECTED: grpc.ChannelConnectivity.READY,
+    _S.RECONNECTING: grpc.ChannelConnectivity.CONNECTING,
+    _S.FAILED: grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+    _S.CLOSED: grpc.ChannelConnectivity.SHUTDOWN,
+}
 
 # grpc's multicallables are generic only in the type stubs.
 if TYPE_CHECKING:
@@ -42,72 +58,38 @@ else:
     _StreamUnaryBase = grpc.StreamUnaryMultiCallable
     _StreamStreamBase = grpc.StreamStreamMultiCallable
 
-_S = ConnectionState
-_CONNECTIVITY = {
-    _S.IDLE: grpc.ChannelConnectivity.IDLE,
-    _S.CONNECTING: grpc.ChannelConnectivity.CONNECTING,
-    _S.CONNECTED: grpc.ChannelConnectivity.READY,
-    _S.RECONNECTING: grpc.ChannelConnectivity.CONNECTING,
-    _S.FAILED: grpc.ChannelConnectivity.TRANSIENT_FAILURE,
-    _S.CLOSED: grpc.ChannelConnectivity.SHUTDOWN,
-}
+
+def _closed() -> CallError:
+    return CallError(_Code.CANCELLED, "chronicle_conn: the connection is closed")
 
 
-class UnavailableError(grpc.RpcError, grpc.Call, ChronicleConnError):
-    """The ``grpc.RpcError`` a call through a ``ManagedChannel`` raises when the
-    connection cannot take it: ``UNAVAILABLE`` (not connected, fail-fast; closed; retries
-    exhausted) or ``DEADLINE_EXCEEDED`` (a ``wait_for_ready`` call's deadline passed while
-    waiting for the connection). It quacks like the error gRPC itself raises, so gRPC
-    error handling catches it, and it is a ``ChronicleConnError`` too."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self._code = code
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def initial_metadata(self) -> tuple[()]:
-        return ()
-
-    def trailing_metadata(self) -> tuple[()]:
-        return ()
-
-    def is_active(self) -> bool:
-        return False
-
-    def time_remaining(self) -> float:
-        return 0.0
-
-    def cancel(self) -> bool:
-        return False
-
-    def add_callback(self, callback: Callable[[], None]) -> bool:
-        return False
-
-    def __str__(self) -> str:
-        return f"<{type(self).__name__} {self._code.name}: {self._details}>"
+def _cut_short(gen: Generation) -> CallError:
+    return CallError(
+        _Code.UNAVAILABLE,
+        f"chronicle_conn: channel generation {gen.number} was closed before the call "
+        "could start (drain_timeout passed)",
+    )
 
 
 class _MultiCallable:
-    """Dispatches to the current generation's multicallable (cached per generation)."""
+    """Dispatches to the current generation's multicallable (cached per generation).
 
-    __slots__ = ("_cache", "_conn", "_kind", "_method", "_registered", "_req", "_resp")
+    Holds the facade, so that a stub alone keeps its connection alive.
+    """
+
+    __slots__ = ("_cache", "_core", "_facade", "_kind", "_method", "_registered", "_req", "_resp")
 
     def __init__(
         self,
-        conn: Connection,
+        facade: ManagedChannel,
         kind: str,
         method: str,
         request_serializer: Any,
         response_deserializer: Any,
         registered: bool,
     ) -> None:
-        self._conn = conn
+        self._facade = facade
+        self._core: Core = facade._core
         self._kind = kind
         self._method = method
         self._req = request_serializer
@@ -116,6 +98,8 @@ class _MultiCallable:
         self._cache: tuple[object, Any] = (None, None)
 
     def _inner(self, gen: Generation) -> Any:
+        """The generation's multicallable. Call only after ``gen.enter()``: never on a
+        closed channel."""
         cache = self._cache
         if cache[0] is gen:
             return cache[1]
@@ -126,41 +110,19 @@ class _MultiCallable:
         self._cache = (gen, inner)
         return inner
 
-    def _target(self, timeout: float | None, wait_for_ready: bool | None) -> tuple[Any, Any]:
-        gen = self._conn._supervisor.current
-        if gen is not None:
-            return self._inner(gen), timeout
-        gen, timeout = self._wait(timeout, wait_for_ready)
-        return self._inner(gen), timeout
+    def _unconnected(self, wait_for_ready: bool | None) -> CallError | None:
+        """Not connected: the error to report now, or None (a wait_for_ready call waits)."""
+        core = self._core
+        if core.closing:
+            return _closed()
+        if wait_for_ready:
+            return None
+        core.note_demand()
+        return CallError(_Code.UNAVAILABLE, f"chronicle_conn: not connected ({core.describe()})")
 
-    def _wait(
-        self, timeout: float | None, wait_for_ready: bool | None
-    ) -> tuple[Generation, float | None]:
-        """Not connected: fail fast, or wait (within ``timeout``) for a generation."""
-        conn = self._conn
-        if not wait_for_ready:
-            conn._demand_fail_fast()
-            raise UnavailableError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"chronicle_conn: not connected (state {conn.state.value}; "
-                f"last error: {conn._supervisor.last_error})",
-            )
-        clock = conn._clock
-        deadline = None if timeout is None else clock() + timeout
-        try:
-            gen = conn._wait_generation(deadline)
-        except ConnectTimeoutError:
-            raise UnavailableError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                "chronicle_conn: deadline exceeded while waiting for the connection",
-            ) from None
-        except (RetriesExhaustedError, ConnectionClosedError, NotConnectedError) as exc:
-            raise UnavailableError(grpc.StatusCode.UNAVAILABLE, f"chronicle_conn: {exc}") from exc
-        if deadline is not None:
-            timeout = max(0.0, deadline - clock())
-        return gen, timeout
+    # ------------------------------------------------------------------ blocking calls
 
-    def _dispatch(
+    def _blocking(
         self,
         attribute: str | None,
         request: Any,
@@ -170,52 +132,164 @@ class _MultiCallable:
         wait_for_ready: bool | None,
         compression: Any,
     ) -> Any:
-        """Call the current generation's callable (``attribute``: None for the call
-        itself, or ``"with_call"``/``"future"``), after waiting for one if need be."""
-        inner, timeout = self._target(timeout, wait_for_ready)
-        method = inner if attribute is None else getattr(inner, attribute)
-        return method(
-            request,
-            timeout=timeout,
-            metadata=metadata,
-            credentials=credentials,
-            wait_for_ready=wait_for_ready,
-            compression=compression,
+        """``__call__`` or ``with_call`` (``attribute``), off the hot path: wait for a
+        generation if the call may, then make it there. Failures raise."""
+        core = self._core
+        deadline: float | None = None
+        while True:
+            gen = core.current
+            if gen is not None:
+                if not gen.enter():
+                    continue  # retired under us: read the current one again
+                try:
+                    inner = self._inner(gen)
+                    method = inner if attribute is None else getattr(inner, attribute)
+                    return method(
+                        request, timeout, metadata, credentials, wait_for_ready, compression
+                    )
+                except grpc.RpcError as error:
+                    gen.failed(error)
+                    raise
+                except ValueError:
+                    if gen.closed:
+                        raise _cut_short(gen) from None
+                    raise
+                finally:
+                    gen.leave()
+            failure = self._unconnected(wait_for_ready)
+            if failure is not None:
+                raise failure
+            if deadline is None and timeout is not None:
+                deadline = core.clock() + timeout
+            _wait(core, deadline)
+            if deadline is not None:
+                timeout = max(0.0, deadline - core.clock())
+
+    # ------------------------------------------------------------------ call objects
+
+    def _start(
+        self,
+        attribute: str | None,
+        request: Any,
+        timeout: float | None,
+        metadata: Any,
+        credentials: Any,
+        wait_for_ready: bool | None,
+        compression: Any,
+    ) -> Any:
+        """``future()`` or a streaming call: never raises a call failure; returns grpc's
+        call object, or a :class:`CallError` (failed, or pending a generation)."""
+        core = self._core
+        while True:
+            gen = core.current
+            if gen is not None:
+                if not gen.enter():
+                    continue
+                try:
+                    return self._issue(
+                        gen,
+                        attribute,
+                        request,
+                        timeout,
+                        metadata,
+                        credentials,
+                        wait_for_ready,
+                        compression,
+                    )
+                except BaseException:
+                    gen.leave()
+                    raise
+            failure = self._unconnected(wait_for_ready)
+            if failure is not None:
+                return failure
+            pending = CallError(
+                issue=functools.partial(
+                    self._send_pending,
+                    attribute,
+                    request,
+                    metadata,
+                    credentials,
+                    wait_for_ready,
+                    compression,
+                ),
+                deadline=None if timeout is None else time.monotonic() + timeout,
+            )
+            while True:
+                try:
+                    gen = core.defer(pending)
+                except ConnectionClosedError:
+                    pending.finish(_Code.CANCELLED, "chronicle_conn: the connection is closed")
+                    return pending
+                if gen is None:
+                    return pending  # sent by the supervisor when a generation is up
+                if gen.enter():  # connected in the meantime
+                    if not pending.send(gen):
+                        gen.leave()
+                    return pending
+
+    def _send_pending(
+        self,
+        attribute: str | None,
+        request: Any,
+        metadata: Any,
+        credentials: Any,
+        wait_for_ready: bool | None,
+        compression: Any,
+        gen: Generation,
+        timeout: float | None,
+    ) -> Any:
+        return self._issue(
+            gen, attribute, request, timeout, metadata, credentials, wait_for_ready, compression
         )
 
-    def _surviving(self, request: Any, timeout: float | None, **kwargs: Any) -> Any:
-        """A blocking ``wait_for_ready`` unary call that outlives its generation.
+    def _issue(
+        self,
+        gen: Generation,
+        attribute: str | None,
+        request: Any,
+        timeout: float | None,
+        metadata: Any,
+        credentials: Any,
+        wait_for_ready: bool | None,
+        compression: Any,
+    ) -> Any:
+        """Make the call on ``gen`` (entered) and have it leave when it finishes. If this
+        raises, the caller leaves."""
+        inner = self._inner(gen)
+        try:
+            if attribute == "future":
+                call = inner.future(
+                    request, timeout, metadata, credentials, wait_for_ready, compression
+                )
+                call.add_done_callback(gen.finished)
+                return call
+            call = inner(request, timeout, metadata, credentials, wait_for_ready, compression)
+        except ValueError:
+            if gen.closed:
+                return _cut_short(gen)
+            raise
+        if not call.add_callback(gen.leave):
+            gen.leave()
+        return call
 
-        Sent as a future that also watches its generation: if the generation is declared
-        lost while the call is still waiting for it (so it never reached the server),
-        the call is cancelled and sent again on the next generation, within the same
-        deadline. A call that the server already had is never sent twice: it fails as
-        it would on a plain channel. Returns the finished future (a ``grpc.Call``).
-        """
-        clock = self._conn._clock
-        deadline = None if timeout is None else clock() + timeout
-        while True:
-            gen = self._conn._supervisor.current
-            remaining = None if deadline is None else max(0.0, deadline - clock())
-            if gen is None:
-                gen, remaining = self._wait(remaining, True)
-            woke = threading.Event()
-            future = self._inner(gen).future(
-                request, timeout=remaining, wait_for_ready=True, **kwargs
-            )
-            # Bound now: a cancelled future's callback runs late, and must not wake the
-            # next attempt's event.
-            future.add_done_callback(functools.partial(_set_event, woke))
-            if gen.watch(woke):
-                woke.wait()
-                gen.unwatch(woke)
-            if not future.done() and gen.resend and future.cancel():
-                continue  # its generation was lost before it could be sent
-            return future
 
+def _wait(core: Core, deadline: float | None) -> None:
+    """A ``wait_for_ready`` blocking call waits for the connection within its deadline.
 
-def _set_event(event: threading.Event, _future: object) -> None:
-    event.set()
+    Raises:
+        CallError: DEADLINE_EXCEEDED, UNAVAILABLE (gave up) or CANCELLED (closed).
+    """
+    try:
+        core.wait_connected(deadline)
+    except ConnectTimeoutError:
+        raise CallError(
+            _Code.DEADLINE_EXCEEDED,
+            f"Deadline Exceeded (chronicle_conn: not connected in time; {core.describe()})",
+        ) from None
+    except ConnectionClosedError:
+        raise _closed() from None
+    except (RetriesExhaustedError, NotConnectedError) as exc:
+        raise CallError(_Code.UNAVAILABLE, f"chronicle_conn: {exc}") from exc
 
 
 class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
@@ -230,17 +304,25 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        if not wait_for_ready:
-            # The hot path, inlined: connected, and the inner callable already cached.
-            gen = self._conn._supervisor.current
-            cache = self._cache
-            if gen is not None and cache[0] is gen:
-                return cache[1](request, timeout, metadata, credentials, None, compression)
-            inner, timeout = self._target(timeout, wait_for_ready)
-            return inner(request, timeout, metadata, credentials, wait_for_ready, compression)
-        return self._surviving(
-            request, timeout, metadata=metadata, credentials=credentials, compression=compression
-        ).result()
+        # The hot path, inlined: connected, the inner callable usually cached.
+        gen = self._core.current
+        if gen is not None and gen.enter():
+            try:
+                cache = self._cache
+                inner = cache[1] if cache[0] is gen else self._inner(gen)
+                return inner(request, timeout, metadata, credentials, wait_for_ready, compression)
+            except grpc.RpcError as error:
+                gen.failed(error)
+                raise
+            except ValueError:
+                if gen.closed:
+                    raise _cut_short(gen) from None
+                raise
+            finally:
+                gen.leave()
+        return self._blocking(
+            None, request, timeout, metadata, credentials, wait_for_ready, compression
+        )
 
     def with_call(
         self,
@@ -251,16 +333,7 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        if wait_for_ready:
-            future = self._surviving(
-                request,
-                timeout,
-                metadata=metadata,
-                credentials=credentials,
-                compression=compression,
-            )
-            return future.result(), future
-        return self._dispatch(
+        return self._blocking(
             "with_call", request, timeout, metadata, credentials, wait_for_ready, compression
         )
 
@@ -273,7 +346,7 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        return self._dispatch(
+        return self._start(
             "future", request, timeout, metadata, credentials, wait_for_ready, compression
         )
 
@@ -290,7 +363,7 @@ class _UnaryStream(_MultiCallable, _UnaryStreamBase):
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        return self._dispatch(
+        return self._start(
             None, request, timeout, metadata, credentials, wait_for_ready, compression
         )
 
@@ -307,7 +380,7 @@ class _StreamUnary(_MultiCallable, _StreamUnaryBase):
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        return self._dispatch(
+        return self._blocking(
             None, request_iterator, timeout, metadata, credentials, wait_for_ready, compression
         )
 
@@ -320,7 +393,7 @@ class _StreamUnary(_MultiCallable, _StreamUnaryBase):
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        return self._dispatch(
+        return self._blocking(
             "with_call",
             request_iterator,
             timeout,
@@ -339,7 +412,7 @@ class _StreamUnary(_MultiCallable, _StreamUnaryBase):
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        return self._dispatch(
+        return self._start(
             "future", request_iterator, timeout, metadata, credentials, wait_for_ready, compression
         )
 
@@ -356,7 +429,7 @@ class _StreamStream(_MultiCallable, _StreamStreamBase):
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        return self._dispatch(
+        return self._start(
             None, request_iterator, timeout, metadata, credentials, wait_for_ready, compression
         )
 
@@ -392,29 +465,32 @@ class ManagedChannel(grpc.Channel):
     ``conn.managed_channel`` before the connection is up).
 
     - Calls go to the current underlying channel; stubs made once keep working across
-      reconnects, ``reconnect()``, a maximum channel age and ``fork()``.
-    - ``wait_for_ready=True`` calls first wait (within their own ``timeout``) for the
-      connection, re-arming it if it had given up; fail-fast calls made while it is not
-      connected raise :class:`UnavailableError` (``UNAVAILABLE``) at once. A
-      ``wait_for_ready`` call that has to wait blocks in the call itself, also for
-      ``future()`` and streaming calls.
-    - A blocking ``wait_for_ready`` unary call (``__call__``, ``with_call``) that is still
-      waiting on a channel when the server is found refusing connections is sent again
-      on the next channel, within its deadline: it never reached the server. Calls the
-      server may have had (in flight at a crash, or lost to a silent partition) are not
-      sent twice; they fail as on a plain channel.
+      outages, ``reconnect()``, a maximum channel age and ``fork()``.
+    - Every call kind returns what a ``grpc.Channel`` returns and reports errors as it
+      does (blocking calls raise a ``grpc.RpcError``; ``future()`` and streams return
+      a call object that carries the error), also under ``grpc.intercept_channel``.
+    - While connected, calls go straight to the channel. While not connected, fail-fast
+      calls (the default) fail with ``UNAVAILABLE``, and ``wait_for_ready=True`` calls
+      wait for the connection within their own deadline (``DEADLINE_EXCEEDED`` if it
+      passes; ``future()`` and streams return at once and wait in the background), re-
+      arming a connection that had given up; after ``close()`` calls fail with
+      ``CANCELLED``.
+    - A call is never sent twice by the library: a call that was sent stays on its
+      channel, which is closed only once its calls have finished (or ``drain_timeout``
+      after it was replaced or lost: survivors then end with ``UNAVAILABLE``).
     - ``subscribe()`` reports the *connection's* state as ``grpc.ChannelConnectivity``
       (CONNECTED is READY, FAILED is TRANSIENT_FAILURE, CLOSED is SHUTDOWN), so
-      ``grpc.channel_ready_future(conn.channel())`` works. The first report is made
-      synchronously, in ``subscribe()``.
+      ``grpc.channel_ready_future(conn.managed_channel)`` works; the first report is made
+      synchronously, in ``subscribe()``. After ``close()`` it raises
+      ``ConnectionClosedError``.
     - ``close()`` does nothing: the channel belongs to the shared connection, which
       ``Connection.close()`` closes.
 
     Thread-safe.
     """
 
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
+    def __init__(self, core: Core) -> None:
+        self._core = core
         self._lock = threading.Lock()
         self._subscriptions: dict[Callable[[grpc.ChannelConnectivity], None], _Subscription] = {}
 
@@ -426,7 +502,7 @@ class ManagedChannel(grpc.Channel):
         _registered_method: bool = False,
     ) -> grpc.UnaryUnaryMultiCallable[Any, Any]:
         return _UnaryUnary(
-            self._conn,
+            self,
             "unary_unary",
             method,
             request_serializer,
@@ -442,7 +518,7 @@ class ManagedChannel(grpc.Channel):
         _registered_method: bool = False,
     ) -> grpc.UnaryStreamMultiCallable[Any, Any]:
         return _UnaryStream(
-            self._conn,
+            self,
             "unary_stream",
             method,
             request_serializer,
@@ -458,7 +534,7 @@ class ManagedChannel(grpc.Channel):
         _registered_method: bool = False,
     ) -> grpc.StreamUnaryMultiCallable[Any, Any]:
         return _StreamUnary(
-            self._conn,
+            self,
             "stream_unary",
             method,
             request_serializer,
@@ -474,7 +550,7 @@ class ManagedChannel(grpc.Channel):
         _registered_method: bool = False,
     ) -> grpc.StreamStreamMultiCallable[Any, Any]:
         return _StreamStream(
-            self._conn,
+            self,
             "stream_stream",
             method,
             request_serializer,
@@ -485,21 +561,31 @@ class ManagedChannel(grpc.Channel):
     def subscribe(
         self, callback: Callable[[grpc.ChannelConnectivity], None], try_to_connect: bool = False
     ) -> None:
+        """Report the connection's state to ``callback`` (see the class docstring).
+
+        Raises:
+            ConnectionClosedError: the connection is closed.
+        """
         subscription = _Subscription(callback)
         with self._lock:
             if callback in self._subscriptions:
                 return
             self._subscriptions[callback] = subscription
-        state = self._conn._add_listener_at(subscription.on_change)
-        if try_to_connect:
-            self._conn._demand_fail_fast()
+        try:
+            state = self._core.add_listener(subscription.on_change)
+        except ConnectionClosedError:
+            with self._lock:
+                self._subscriptions.pop(callback, None)
+            raise
+        if try_to_connect and state is not _S.CONNECTED:
+            self._core.note_demand()
         subscription.start(state)
 
     def unsubscribe(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
         with self._lock:
             subscription = self._subscriptions.pop(callback, None)
         if subscription is not None:
-            self._conn.remove_listener(subscription.on_change)
+            self._core.remove_listener(subscription.on_change)
 
     def close(self) -> None:
         """Does nothing: close the shared connection with ``Connection.close()``."""
@@ -510,5 +596,13 @@ class ManagedChannel(grpc.Channel):
     def __exit__(self, *exc: object) -> None:
         return None
 
+    def reset_after_fork(self) -> None:
+        """In a forked child: a fresh lock (the parent's may have been held)."""
+        self._lock = threading.Lock()
+
     def __repr__(self) -> str:
-        return f"<ManagedChannel of {self._conn!r}>"
+        core = self._core
+        return (
+            f"<ManagedChannel of connection {core.label!r} state={core.state.value} "
+            f"target={core.config.connection_string.redacted()!r}>"
+        )

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from typing import Generic, Protocol, TypeVar
 
 from .errors import DuplicateNameError, UnknownNameError
 
-if TYPE_CHECKING:
-    from .connection import Connection
-
-__all__ = ["ConnectionRegistry", "registry"]
+__all__ = ["ConnectionRegistry"]
 
 
-class ConnectionRegistry:
-    """Named connections. Thread-safe; ``close_all()`` closes outside the lock."""
+class _Closeable(Protocol):
+    def close(self) -> None: ...
+
+
+Connection = TypeVar("Connection", bound=_Closeable)
+
+
+class ConnectionRegistry(Generic[Connection]):
+    """Named connections. Thread-safe; ``close_all()`` closes outside the lock.
+
+    The package's default registry is ``chronicle_conn.registry``, where
+    ``Connection(name=...)`` registers itself.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -86,7 +94,3 @@ class ConnectionRegistry:
     def __len__(self) -> int:
         with self._lock:
             return len(self._connections)
-
-
-#: The default registry that ``Connection(name=...)`` registers in.
-registry = ConnectionRegistry()

@@ -9,7 +9,7 @@ import random
 import pytest
 
 import chronicle_conn as cc
-from chronicle_conn._supervisor import DelaySchedule
+from chronicle_conn._schedule import DEMAND_DELAY, DelaySchedule
 from chronicle_conn.config import ConnectionConfig, LivenessMode, ReconnectPolicy
 
 
@@ -140,25 +140,30 @@ def test_retry_attempts_zero_makes_one_attempt():
     assert starts == [0.0]
 
 
-def test_demand_attempts_every_base_delay_without_spending_the_budget():
-    """The defaults give up after about 1+2+4+8+10 = 25 s of failures; a caller waiting the
-    whole time gets an attempt about every second, and the budget lasts just as long."""
+def test_demand_attempts_on_a_short_cadence_without_spending_the_budget():
+    """The defaults give up after about 1+2+4+8+10 = 25 s of failures; a caller wanting
+    the connection the whole time gets an attempt every 0.1-0.125 s (at most ten a
+    second), and the budget lasts just as long."""
     policy = ReconnectPolicy()  # retry_attempts=5, base 1 s, max 10 s, x2, jitter 0.1
     idle_starts, _, idle_exhausted = run_schedule(
-        policy, policy.delays(random.Random(1)), lambda now: 0, 500
+        policy, policy.delays(random.Random(1)), lambda now: 0, 5000
     )
     busy_starts, busy_counted, busy_exhausted = run_schedule(
-        policy, policy.delays(random.Random(1)), lambda now: 1, 500
+        policy, policy.delays(random.Random(1)), lambda now: 1, 5000
     )
     assert idle_exhausted
     assert busy_exhausted
     assert len(idle_starts) == 6
     assert sum(busy_counted) == 6  # the same budget...
-    assert len(busy_starts) > 20  # ...with many probes in between
+    assert len(busy_starts) > 150  # ...with many early attempts in between
     assert abs(busy_starts[-1] - idle_starts[-1]) < 1e-9  # and it gives up at the same time
     assert 20 < idle_starts[-1] < 30
-    # never more than a jittered base delay apart (shorter when a counted one falls due)
-    assert max(gaps(busy_starts)) <= 1.1 + 1e-9
+    low, high = DEMAND_DELAY
+    # never more than the cadence apart (shorter only when a counted one falls due)...
+    assert max(gaps(busy_starts)) <= high + 1e-9
+    # ...and never more than ten a second, on average and jittered
+    assert (len(busy_starts) - 1) / busy_starts[-1] <= 1 / low
+    assert len(set(gaps(busy_starts))) > 10
 
 
 def test_demand_never_delays_a_due_attempt():
@@ -168,14 +173,15 @@ def test_demand_never_delays_a_due_attempt():
     assert all(counted)
 
 
-def test_a_waiter_arriving_mid_backoff_shortens_it():
+def test_demand_arriving_mid_backoff_shortens_it():
     policy = ReconnectPolicy(retry_attempts=None, base_delay=1.0, max_delay=60.0, jitter=0.0)
     starts, counted, _ = run_schedule(
         policy, policy.delays(), lambda now: 1 if now >= 31.0 else 0, 12
     )
-    # idle: 1, 2, 4, 8, 16 (t = 31); then a waiter: every base delay, counted or not
+    # idle: 1, 2, 4, 8, 16 (t = 31); then demand: the short cadence, counted or not
     assert gaps(starts)[:5] == [1.0, 2.0, 4.0, 8.0, 16.0]
-    assert gaps(starts)[5:] == [1.0] * 6
+    low, high = DEMAND_DELAY
+    assert all(low <= gap <= high for gap in gaps(starts)[5:])
     assert counted[:6] == [True] * 6
     assert not any(counted[6:])  # the next counted one is due only at t = 31 + 32
 
@@ -183,9 +189,9 @@ def test_a_waiter_arriving_mid_backoff_shortens_it():
 def test_attempt_duration_is_part_of_the_cadence():
     policy = ReconnectPolicy(retry_attempts=None, base_delay=1.0, max_delay=60.0, jitter=0.0)
     starts, _, _ = run_schedule(policy, policy.delays(), lambda now: 1, 6, attempt_takes=5.0)
-    # a black-holed host: each attempt takes 5 s; the next one starts 1 s after it failed,
-    # or at once when the exponential schedule already made it due
-    assert gaps(starts) == [6.0, 6.0, 5.0, 6.0, 5.0]
+    # a black-holed host: each attempt takes 5 s; the cadence counts from the start of an
+    # attempt, so the next one starts as soon as it failed
+    assert gaps(starts) == [5.0] * 5
 
 
 # ---------------------------------------------------------------------------- config

@@ -4,6 +4,7 @@ restart), the in-process dev kernel, the fault proxy and plain gRPC servers."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import os
 import threading
@@ -108,6 +109,15 @@ def connect(conn: cc.Connection, recorder: EventRecorder, timeout: float = 10) -
     conn.connect(timeout=timeout)
     assert recorder.wait_for(lambda events: bool(events) and events[-1].new is S.CONNECTED, 5)
     return len(recorder)
+
+
+def wait_for_generation(conn: cc.Connection, number: int, timeout: float = 10) -> None:
+    """Wait (on the connection's Condition) until its generation is at least ``number``."""
+    core = conn._core
+    with core.cond:
+        assert core.cond.wait_for(
+            lambda: core.counters.generation >= number and core.current is not None, timeout
+        ), conn.stats()
 
 
 def check_history(recorder: EventRecorder) -> None:
@@ -244,13 +254,13 @@ def test_idle_close(make_conn, recorder):
 
 def test_illegal_transition_is_impossible(make_conn):
     conn = make_conn(server_address="127.0.0.1:1", auto_connect=False)
-    supervisor = conn._supervisor
-    with supervisor.cond, pytest.raises(AssertionError, match="illegal transition"):
-        supervisor._transition(S.CONNECTED)  # IDLE -> CONNECTED skips CONNECTING
+    core = conn._core
+    with core.cond, pytest.raises(AssertionError, match="illegal transition"):
+        core.transition(S.CONNECTED)  # IDLE -> CONNECTED skips CONNECTING
     assert conn.state is S.IDLE
     conn.close()
-    with supervisor.cond, pytest.raises(AssertionError):
-        supervisor._transition(S.CONNECTING)  # CLOSED is terminal
+    with core.cond, pytest.raises(AssertionError):
+        core.transition(S.CONNECTING)  # CLOSED is terminal
     assert ALLOWED_TRANSITIONS[S.CLOSED] == frozenset()
 
 
@@ -334,8 +344,8 @@ def test_close_interrupts_backoff_at_once(make_conn, recorder):
     deadline = time.monotonic() + 10
     while conn.stats().current_delay is None:  # the first attempt fails in milliseconds
         assert time.monotonic() < deadline
-        with conn._supervisor.cond:
-            conn._supervisor.cond.wait(0.05)
+        with conn._core.cond:
+            conn._core.cond.wait(0.05)
     started = time.monotonic()
     conn.close()
     took = time.monotonic() - started
@@ -374,14 +384,14 @@ def test_hundreds_of_waiters_released_on_success(make_conn, kernel_factory):
     deadline = time.monotonic() + 30
     while conn.stats().waiters < 300:  # all of them are waiting...
         assert time.monotonic() < deadline, conn.stats()
-        with conn._supervisor.cond:
-            conn._supervisor.cond.wait(0.05)
+        with conn._core.cond:
+            conn._core.cond.wait(0.05)
     failed_before = conn.stats().failed_attempts
     # ...while several attempts fail; none of them fails a waiter.
     while conn.stats().failed_attempts < failed_before + 3:
         assert time.monotonic() < deadline
-        with conn._supervisor.cond:
-            conn._supervisor.cond.wait(0.05)
+        with conn._core.cond:
+            conn._core.cond.wait(0.05)
     assert results == []
     kernel_factory(port=port, keepalive_interval=0.2)
     for thread in threads:
@@ -420,8 +430,8 @@ def test_hundreds_of_waiters_released_on_failure(make_conn, ending):
         deadline = time.monotonic() + 20
         while conn.stats().waiters < 200:
             assert time.monotonic() < deadline
-            with conn._supervisor.cond:
-                conn._supervisor.cond.wait(0.05)
+            with conn._core.cond:
+                conn._core.cond.wait(0.05)
         conn.close()
     for thread in threads:
         thread.join(60)
@@ -605,9 +615,8 @@ def test_every_kind_of_call_goes_through_the_managed_channel(make_conn, recorder
             channel.unary_unary("/test.Echo/Nope")(b"", timeout=5)
         assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
         # After a reconnect() the same multicallables use the new generation.
-        mark = len(recorder)
         conn.reconnect()
-        recorder.wait_for_event(became(S.CONNECTED), 10, since=mark)
+        wait_for_generation(conn, 2)
         assert list(each(iter([b"z"]), timeout=5, wait_for_ready=True)) == [b"Z"]
         assert say(b"y", timeout=5) == b"y"
     finally:
@@ -626,86 +635,13 @@ def test_reconnect_gives_new_generation_and_old_stubs_work(make_conn, devserver,
     before = conn.stats().generation
     ids_before = set(devserver.connection_ids)
     conn.reconnect()
-    recorder.wait_for_event(became(S.CONNECTED), 10, since=mark)
-    assert [c.new for c in recorder.events[mark:]] == [S.RECONNECTING, S.CONNECTED]
-    assert conn.stats().generation == before + 1
+    wait_for_generation(conn, before + 1)
+    # Make-before-break: the connection never stopped being CONNECTED.
+    assert recorder.events[mark:] == []
+    assert conn.connected
     assert stub.GetVersionInfo(empty_pb2.Empty(), timeout=5).Version
     # A fresh kernel connection id for the new generation.
     assert devserver.wait_for(lambda: set(devserver.connection_ids) - ids_before, 5)
-
-
-class _HeldProbe(grpc.UnaryUnaryClientInterceptor):
-    """Holds the supervisor's first health probe (its verification of a suspect
-    transport) until the test releases it, so that the loss is declared only after a
-    call is certainly waiting on the old channel."""
-
-    def __init__(self) -> None:
-        self.release = threading.Event()
-        self.probes = 0
-
-    def intercept_unary_unary(self, continuation, client_call_details, request):
-        if client_call_details.method == "/grpc.health.v1.Health/Check":
-            self.probes += 1
-            if self.probes == 1:
-                assert self.release.wait(30), "the test never released the probe"
-        return continuation(client_call_details, request)
-
-
-def test_wait_for_ready_call_caught_on_a_dead_channel_is_sent_again(
-    make_conn, kernel_factory, recorder
-):
-    kernel = kernel_factory(keepalive_interval=0.2)
-    held = _HeldProbe()
-    ledger = ChannelLedger()
-    inner_of: dict[int, grpc.Channel] = {}
-
-    def connect_fun(target, options):
-        inner = ledger.connect(target, options)
-        channel = grpc.intercept_channel(inner, held)
-        inner_of[id(channel)] = inner
-        return channel
-
-    conn = make_conn(
-        plaintext(kernel.address),
-        retry_attempts=None,
-        connect_fun=connect_fun,
-        disconnect_fun=lambda channel: ledger.disconnect(inner_of.pop(id(channel))),
-        **FAST,
-    )
-    conn.add_listener(recorder)
-    mark = connect(conn, recorder)
-    stub = host_pb2_grpc.ServerStub(conn.channel())
-    old = conn._supervisor.current
-    assert old is not None
-    kernel.kill()
-    results: list[object] = []
-
-    def call() -> None:
-        try:
-            reply = stub.GetVersionInfo(empty_pb2.Empty(), timeout=30, wait_for_ready=True)
-            results.append(reply.Version)
-        except grpc.RpcError as exc:
-            results.append(exc)
-
-    caller = threading.Thread(target=call)
-    caller.start()
-    # The call is waiting on the old generation, whose loss cannot be declared yet.
-    deadline = time.monotonic() + 10
-    while not old._watchers:
-        assert conn._supervisor.current is old, "lost before the call got there"
-        assert time.monotonic() < deadline
-        with conn._supervisor.cond:
-            conn._supervisor.cond.wait(0.01)
-    held.release.set()
-    recorder.wait_for_event(became(S.RECONNECTING), 10, since=mark)
-    assert old.lost
-    kernel.restart()
-    caller.join(30)
-    assert results == ["0.0.0-dev"]
-    assert conn.stats().generation > old.number
-    conn.close()
-    assert ledger.open == {}
-    assert ledger.errors == []
 
 
 def test_max_channel_age_rotates_without_state_change(make_conn, devserver, recorder):
@@ -717,8 +653,8 @@ def test_max_channel_age_rotates_without_state_change(make_conn, devserver, reco
     while conn.stats().generation < 3:
         assert stub.GetVersionInfo(empty_pb2.Empty(), timeout=5).Version
         assert time.monotonic() < deadline
-        with conn._supervisor.cond:
-            conn._supervisor.cond.wait(0.1)
+        with conn._core.cond:
+            conn._core.cond.wait(0.1)
     assert [c.new for c in recorder.events] == [S.CONNECTING, S.CONNECTED]
 
 
@@ -780,7 +716,7 @@ def test_close_inside_listener_does_not_deadlock(devserver):
         conn.connect(timeout=10)
     assert closed.wait(10)
     assert conn.state is S.CLOSED
-    supervisor_thread = conn._supervisor._thread
+    supervisor_thread = conn._core.thread
     assert supervisor_thread is not None
     supervisor_thread.join(10)
     assert conn._threads() == []
@@ -797,7 +733,7 @@ def test_stub_made_before_fork_works_in_child(make_conn, devserver, recorder):
     connect(conn, recorder)
     stub = host_pb2_grpc.ServerStub(conn.channel())
     assert stub.GetVersionInfo(empty_pb2.Empty(), timeout=5).Version
-    parent_generation = conn._supervisor.current
+    parent_generation = conn._core.current
     mark = len(recorder)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
@@ -810,7 +746,7 @@ def test_stub_made_before_fork_works_in_child(make_conn, devserver, recorder):
                 and news[:3]
                 == [(S.CONNECTED, S.IDLE), (S.IDLE, S.CONNECTING), (S.CONNECTING, S.CONNECTED)]
                 and "fork" in (recorder.events[mark].error or "")
-                and conn._supervisor.current is not parent_generation
+                and conn._core.current is not parent_generation
             )
             code = 0 if ok else 2
         finally:
@@ -821,11 +757,11 @@ def test_stub_made_before_fork_works_in_child(make_conn, devserver, recorder):
         if done:
             break
         assert time.monotonic() < deadline, "child hung"
-        with conn._supervisor.cond:
-            conn._supervisor.cond.wait(0.05)
+        with conn._core.cond:
+            conn._core.cond.wait(0.05)
     assert os.waitstatus_to_exitcode(status) == 0
     assert version(conn.channel())  # the parent is untouched
-    assert conn._supervisor.current is parent_generation
+    assert conn._core.current is parent_generation
     assert len(recorder) == mark
 
 
@@ -914,8 +850,8 @@ def test_replaced_channel_is_closed_while_connected(make_conn, devserver):
     # Still connected, and the old channel is closed once its drain is over.
     while not (conn.stats().generation == 2 and len(ledger.open) == 1):
         assert time.monotonic() < deadline, (conn.stats(), ledger.open)
-        with conn._supervisor.cond:
-            conn._supervisor.cond.wait(0.05)
+        with conn._core.cond:
+            conn._core.cond.wait(0.05)
     assert conn.connected
     assert ledger.built == 2
 
@@ -950,9 +886,9 @@ def test_a_broken_log_sink_does_not_break_the_connection(make_conn, devserver, r
         plaintext(devserver.address), logger=BrokenLogger(), auto_connect=False, **FAST
     )
     conn.add_listener(recorder)
-    mark = connect(conn, recorder)
+    connect(conn, recorder)
     conn.reconnect()
-    recorder.wait_for_event(became(S.CONNECTED), 10, since=mark)
+    wait_for_generation(conn, 2)
     assert version(conn.channel())
     conn.close()  # does not raise the logger's error
     assert conn._threads() == []
@@ -997,11 +933,11 @@ def test_a_listener_cannot_wait_for_the_connection(make_conn, recorder):
 
 def test_a_listener_added_late_gets_only_later_changes(make_conn, recorder):
     conn = make_conn(plaintext(f"127.0.0.1:{free_port()}"), auto_connect=False)
-    supervisor = conn._supervisor
-    with supervisor.cond:
-        supervisor._transition(S.CONNECTING)  # queued, not yet delivered
-    assert conn._add_listener_at(recorder) is S.CONNECTING
-    supervisor.deliver()
+    core = conn._core
+    with core.cond:
+        core.transition(S.CONNECTING)  # queued, not yet delivered
+    assert core.add_listener(recorder) is S.CONNECTING
+    core.deliver()
     assert recorder.events == []  # the older change is not replayed to it
     conn.close()
     assert [(c.old, c.new) for c in recorder.events] == [(S.CONNECTING, S.CLOSED)]
@@ -1024,29 +960,11 @@ def test_subscribe_reports_the_current_state_first_then_changes(make_conn, devse
     assert reports.events[-1] is grpc.ChannelConnectivity.READY  # no report after unsubscribe
 
 
-def test_generation_resends_only_calls_that_cannot_have_been_sent():
-    from chronicle_conn._supervisor import Generation
-
-    partitioned = Generation(1, None, 0.0, None)  # type: ignore[arg-type]
-    early = threading.Event()
-    assert partitioned.watch(early)
-    partitioned.mark_lost(unsent=False)  # a partition: calls may have reached the server
-    assert not early.is_set()
-    assert not partitioned.resend
-    assert partitioned.watch(threading.Event())  # a late caller waits for its call too
-
-    refused = Generation(2, None, 0.0, None)  # type: ignore[arg-type]
-    waiting = threading.Event()
-    assert refused.watch(waiting)
-    refused.mark_lost(unsent=True)  # the server refused connections: nothing was sent
-    assert waiting.is_set()
-    assert refused.resend
-    assert not refused.watch(threading.Event())  # a late caller re-sends at once
-
-
-def test_a_connection_dropped_without_close_shuts_down(devserver):
-    import gc
-
+@pytest.mark.parametrize("collector", ["on", "disabled", "frozen"])
+def test_a_connection_dropped_without_close_shuts_down(devserver, collector):
+    """No reference cycle keeps a dropped connection alive: reference counting alone
+    shuts it down, so it works with the cycle collector disabled or everything frozen
+    (gunicorn --preload apps often do either)."""
     ledger = ChannelLedger()
     conn = cc.Connection(
         plaintext(devserver.address),
@@ -1055,13 +973,42 @@ def test_a_connection_dropped_without_close_shuts_down(devserver):
         **FAST,
     )
     conn.connect(timeout=10)
-    supervisor = conn._supervisor
-    thread = supervisor._thread
+    version(conn.channel())
+    core = conn._core
+    thread = core.thread
     assert thread is not None
+    label = conn._label
+    was_enabled = gc.isenabled()
+    try:
+        if collector == "disabled":
+            gc.disable()
+        elif collector == "frozen":
+            gc.freeze()
+        del conn
+        thread.join(10)
+    finally:
+        if collector == "frozen":
+            gc.unfreeze()
+        if was_enabled:
+            gc.enable()
+    assert not thread.is_alive()
+    assert core.state is S.CLOSED
+    assert ledger.open == {}
+    assert [t.name for t in threading.enumerate() if t.name.endswith(f"[{label}]")] == []
+
+
+def test_a_stub_alone_keeps_its_connection_alive(devserver):
+    conn = cc.Connection(plaintext(devserver.address), **FAST)
+    conn.connect(timeout=10)
+    stub = host_pb2_grpc.ServerStub(conn.managed_channel)
+    core = conn._core
     del conn
     gc.collect()
+    assert core.state is S.CONNECTED
+    assert stub.GetVersionInfo(empty_pb2.Empty(), timeout=5).Version
+    thread = core.thread
+    del stub
+    gc.collect()
+    assert thread is not None
     thread.join(10)
-    assert not thread.is_alive()
-    assert supervisor.state is S.CLOSED
-    assert ledger.open == {}
-    assert supervisor.threads() == []
+    assert core.state is S.CLOSED

@@ -62,8 +62,8 @@ def test_events_follow_a_configuration_made_after_the_connection(capture):
         deadline = time.monotonic() + 10
         while conn.stats().failed_attempts < 1:  # the kernel is down: attempts fail
             assert time.monotonic() < deadline
-            with conn._supervisor.cond:
-                conn._supervisor.cond.wait(0.05)
+            with conn._core.cond:
+                conn._core.cond.wait(0.05)
         server = DevServer(port=port, keepalive_interval=0.2).start()
         conn.connect(timeout=10)
     finally:
@@ -73,8 +73,7 @@ def test_events_follow_a_configuration_made_after_the_connection(capture):
     names = capture.names()
     for expected in ("state_changed", "attempt_started", "connected", "connection_lost"):
         assert expected in names, names
-    assert "attempt_failed" in names, names
-    assert "reconnect_scheduled" in names, names
+    assert "attempt_failed" in names, sorted(set(names))
     redacted = conn.config.connection_string.redacted()
     assert "client:***@" in redacted
     mine = [e for e in capture.events if e.get("connection") == "logged"]

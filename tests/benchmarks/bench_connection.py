@@ -180,7 +180,7 @@ def bench_dispatch(repeats: int) -> Row:
         call = conn.channel().unary_unary("/x.Y/Z")
         with contextlib.suppress(grpc.RpcError):
             call(b"", timeout=1)  # fills the per-generation cache (UNIMPLEMENTED)
-        gen = conn._supervisor.current
+        gen = conn._core.current
         call._cache = (gen, noop)  # type: ignore[attr-defined]
         number = 500_000
         ours = timeit.repeat(lambda: call(b"", 5.0), number=number, repeat=repeats)

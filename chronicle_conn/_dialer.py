@@ -1,0 +1,210 @@
+"""One attempt: a fresh candidate channel, proven ready, its liveness established.
+
+An attempt builds a candidate from the connection's channel factory (every candidate has
+its own subchannel pool, so no backoff timer of an older channel delays it) and sends it
+a fail-fast probe (``grpc.health.v1.Health/Check`` on raw bytes). The probe is the
+readiness check: it makes the channel connect now, comes back within milliseconds when
+the connection is refused or the TLS handshake fails (with grpc's reason in its
+details), is answered somehow by any server that is there (``UNIMPLEMENTED`` counts),
+and its deadline bounds a black-holed host. Then the liveness monitor is started and
+the attempt waits until it is established. ``channel_ready_future`` is not used: it
+has no failure outcome, and it starts grpc's connectivity poller, whose 200 ms watch
+then holds the channel's ``close()`` for as long.
+
+Every wait here ends early when the connection is closed.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from . import _health
+from ._channel_factory import ChannelFactory
+from ._core import Core
+from ._generation import Generation
+from ._liveness import AUTO_ORDER, Monitor, MonitorStatus, describe, make_monitor, rpc_status
+from ._version import __version__
+from .config import LivenessMode
+
+__all__ = ["AttemptFailed", "Dialer", "Unreachable"]
+
+#: How often health and transport monitors probe, at most (see ``Dialer.probe_interval``).
+PROBE_INTERVAL = 1.0
+
+
+class AttemptFailed(Exception):
+    """Why one attempt (or a verification) failed; chained as the cause of
+    ``RetriesExhaustedError``."""
+
+
+class Unreachable(AttemptFailed):
+    """A probe came back ``UNAVAILABLE``: the transport is down."""
+
+
+MakeGeneration = Callable[[grpc.Channel, Monitor], Generation]
+
+
+class Dialer:
+    """Makes attempts for one connection. Used by the supervisor thread only.
+
+    Args:
+        core: the connection's core (its Condition, clock, config, closing flag).
+        factory: builds and disposes of the channels.
+        make_generation: wraps a ready channel and its established monitor.
+    """
+
+    def __init__(
+        self, core: Core, factory: ChannelFactory, make_generation: MakeGeneration
+    ) -> None:
+        self._core = core
+        self._factory = factory
+        self._make_generation = make_generation
+        config = core.config
+        self._attempt_timeout = config.attempt_timeout
+        self._stale_after = config.keepalive_stale_after
+        #: Periodic probes come at least three times within ``keepalive_stale_after``.
+        self.probe_interval = min(PROBE_INTERVAL, config.keepalive_stale_after / 3)
+
+    @property
+    def factory(self) -> ChannelFactory:
+        return self._factory
+
+    def attempt(self, number: int) -> Generation | AttemptFailed:
+        """Dial once: a Generation (connected, liveness established) or why not."""
+        core = self._core
+        deadline = core.clock() + self._attempt_timeout
+        try:
+            channel = self._factory.build()
+        except Exception as exc:
+            return AttemptFailed(f"could not build the channel: {exc!r}")
+        failure: AttemptFailed | None
+        try:
+            failure = self.probe(channel, deadline, readiness=True)
+            if failure is None:
+                monitor, failure = self.establish(channel, deadline)
+                if monitor is not None:
+                    return self._make_generation(channel, monitor)
+        except Exception as exc:
+            failure = AttemptFailed(f"attempt {number} failed: {exc!r}")
+        self.dispose(channel)
+        return failure or AttemptFailed("attempt failed")
+
+    def dispose(self, channel: grpc.Channel, *, unavailable: str | None = None) -> None:
+        """Close a channel (never raises: a failure is logged)."""
+        try:
+            self._factory.dispose(channel, unavailable=unavailable)
+        except Exception:
+            self._core.log.exception("channel_close_failed")
+
+    def probe(
+        self, channel: grpc.Channel, deadline: float, *, readiness: bool = False
+    ) -> AttemptFailed | None:
+        """Is the server behind ``channel`` there? None if it answered (anything, even
+        ``UNIMPLEMENTED``); :class:`Unreachable` if the transport is down; else why not.
+
+        A fail-fast call makes an IDLE channel connect at once and fails within
+        milliseconds against a server that refuses connections. Ends early on close().
+        """
+        core = self._core
+        timeout = max(0.001, deadline - core.clock())
+        try:
+            future = _health.probe_callable(channel).future(
+                b"", timeout=timeout, wait_for_ready=False
+            )
+        except ValueError as exc:  # closed channel
+            return AttemptFailed(f"probe: {exc}")
+        if not self._await(future, deadline):
+            future.cancel()
+            if core.closing or core.abandoned:
+                return AttemptFailed("connection closed")
+            return AttemptFailed(self._timed_out(readiness))
+        error = future.exception()
+        if error is None:
+            return None
+        code, _ = rpc_status(error)
+        if code is grpc.StatusCode.UNAVAILABLE:
+            return Unreachable(describe(error))
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            return AttemptFailed(self._timed_out(readiness))
+        return None  # the server answered (UNIMPLEMENTED, UNAUTHENTICATED, ...)
+
+    def _timed_out(self, readiness: bool) -> str:
+        if readiness:
+            return f"not ready within {self._attempt_timeout:g}s (host unreachable?)"
+        return f"no answer within {self._attempt_timeout:g}s"
+
+    def _await(self, future: Any, deadline: float) -> bool:
+        """Wait until ``future`` is done (True), or the deadline or close() (False)."""
+        core = self._core
+        cond = core.cond
+        done: list[bool] = []
+
+        def settle(_: object) -> None:
+            with cond:
+                done.append(True)
+                cond.notify_all()
+
+        future.add_done_callback(settle)
+        with cond:
+            cond.wait_for(
+                lambda: bool(done) or core.closing or core.abandoned,
+                max(0.0, deadline - core.clock()),
+            )
+            return bool(done)
+
+    def establish(
+        self, channel: grpc.Channel, deadline: float
+    ) -> tuple[Monitor | None, AttemptFailed | None]:
+        """Start the liveness monitor (``auto``: the best the server offers) and wait
+        until it is established. Returns the monitor, or why none could be."""
+        core = self._core
+        mode = core.config.liveness
+        modes = AUTO_ORDER if mode is LivenessMode.AUTO else (mode,)
+        last: str | None = None
+        for candidate in modes:
+            monitor = make_monitor(
+                candidate,
+                channel,
+                cond=core.cond,
+                clock=core.clock,
+                thread_name=f"chronicle_conn-{candidate.value}[{core.label}]",
+                stale_after=self._stale_after,
+                probe_interval=self.probe_interval,
+                log=core.log,
+                client_version=__version__,
+            )
+            monitor.start()
+            with core.cond:
+                core.cond.wait_for(
+                    functools.partial(_settled, core, monitor),
+                    max(0.0, deadline - core.clock()),
+                )
+                status = monitor.status
+                error = monitor.error
+                if status is MonitorStatus.ESTABLISHED:
+                    core.liveness = candidate.value
+            if status is MonitorStatus.ESTABLISHED:
+                return monitor, None
+            monitor.stop()
+            monitor.join(core.config.close_timeout)
+            if status is MonitorStatus.UNSUPPORTED:
+                core.log.debug("liveness_unsupported", mode=candidate.value, error=error)
+                last = error
+                continue
+            if status is MonitorStatus.PENDING:
+                if core.closing or core.abandoned:
+                    return None, AttemptFailed("connection closed")
+                return None, AttemptFailed(
+                    f"{candidate.value}: no answer within {self._attempt_timeout:g}s"
+                )
+            return None, AttemptFailed(error or f"{candidate.value} failed")
+        return None, AttemptFailed(f"no liveness mode available: {last}")
+
+
+def _settled(core: Core, monitor: Monitor) -> bool:
+    """Lock held: the monitor knows (or the connection is closing)."""
+    return monitor.status is not MonitorStatus.PENDING or core.closing or core.abandoned

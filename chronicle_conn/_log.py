@@ -1,0 +1,67 @@
+"""The library's logger: structlog events that can never take a thread down with them."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import structlog
+
+__all__ = ["QuietLog", "connection_log", "module_log", "swallow"]
+
+
+def swallow(exc: BaseException) -> None:
+    """Decide whether ``exc``, raised by user code (a listener, a callback, a log sink)
+    on one of the library's threads, may be swallowed (after logging it).
+
+    Everything may, even ``SystemExit``: such an exception in a background thread would
+    only end that thread, and with it the connection's supervision. Only a
+    ``KeyboardInterrupt`` on the main thread is re-raised: that is the user's Ctrl-C.
+    """
+    if isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread():
+        raise exc
+
+
+class QuietLog:
+    """A structlog logger whose calls never raise: a broken log sink (a closed stdout,
+    a handler that raises) must not break the thread that logs."""
+
+    __slots__ = ("_logger",)
+
+    def __init__(self, logger: Any) -> None:
+        self._logger = logger
+
+    def _emit(self, method: str, event: str, **fields: Any) -> None:
+        try:
+            getattr(self._logger, method)(event, **fields)
+        except BaseException as exc:  # nowhere left to report it
+            swallow(exc)
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._emit("debug", event, **fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._emit("info", event, **fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._emit("warning", event, **fields)
+
+    def exception(self, event: str, **fields: Any) -> None:
+        self._emit("exception", event, **fields)
+
+
+def connection_log(logger: Any, **context: Any) -> QuietLog:
+    """The logger of one connection, bound with ``context``.
+
+    Not ``get_logger(...).bind(...)`` for the default logger: binding finalizes
+    structlog's lazy proxy with the configuration of that moment, and applications
+    often configure structlog only after creating their connection at import time.
+    """
+    if logger is not None:
+        return QuietLog(logger.bind(**context))
+    return QuietLog(structlog.get_logger("chronicle_conn", **context))
+
+
+def module_log() -> QuietLog:
+    """A logger for events that belong to no one connection."""
+    return QuietLog(structlog.get_logger("chronicle_conn"))

@@ -7,7 +7,9 @@
   every ``keepalive_interval``), ``ConnectionKeepAlive`` records the client's answers,
   plus ``GetConnectedClients``, ``ObserveConnectedClients`` and ``GetDescriptorSet``;
 - ``Cratis.Chronicle.Contracts.Host.Server/GetVersionInfo``;
-- ``grpc.health.v1.Health`` (``Check`` and ``Watch``), which a real kernel does not have.
+- ``grpc.health.v1.Health`` (``Check`` and ``Watch``), which a real kernel does not have;
+- any extra services given as ``handlers=`` (an application's own, say, so that tests
+  can exercise one server that is both the kernel and the application).
 
 It can be told to misbehave (:meth:`DevServer.pause_keepalives` simulates a hung kernel,
 :meth:`DevServer.set_serving` flips health), and it records what clients did
@@ -33,7 +35,7 @@ import functools
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from datetime import datetime, timezone
 from pathlib import Path
@@ -161,8 +163,13 @@ class DevServer:
             It runs on the server's worker threads.
         version: what ``GetVersionInfo`` reports.
         max_workers: size of the server's thread pool. Every open stream (``Connect``,
-            ``Watch``, ``ObserveConnectedClients``) holds one thread.
+            ``Watch``, ``ObserveConnectedClients``) holds one thread, and so does every
+            call in flight on ``handlers``.
         logger: a structlog logger to use instead of ``chronicle_conn.devserver``.
+        handlers: extra services to serve next to the kernel's, e.g. from
+            ``grpc.method_handlers_generic_handler``. The kernel's own methods take
+            precedence over a handler that claims the same path; ``authenticator``
+            guards these calls too; :meth:`stop` gives their calls in flight its grace.
 
     Every method and property is thread-safe. :meth:`start` and :meth:`stop` block;
     the controls and readers do not.
@@ -179,6 +186,7 @@ class DevServer:
         version: str = "0.0.0-dev",
         max_workers: int = 64,
         logger: Any = None,
+        handlers: Sequence[grpc.GenericRpcHandler] = (),
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be 0..65535, not {port!r}")
@@ -186,6 +194,12 @@ class DevServer:
             raise ValueError(f"keepalive_interval must be > 0, not {keepalive_interval!r}")
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, not {max_workers!r}")
+        if isinstance(handlers, grpc.GenericRpcHandler):
+            raise TypeError("handlers is a sequence of grpc.GenericRpcHandler, not one")
+        for handler in handlers:
+            if not isinstance(handler, grpc.GenericRpcHandler):
+                raise TypeError(f"handlers must be grpc.GenericRpcHandler, not {handler!r}")
+        self._handlers = tuple(handlers)
         self._host = host
         self._requested_port = port
         self._keepalive_interval = float(keepalive_interval)
@@ -246,7 +260,7 @@ class DevServer:
         )
         clients_pb2_grpc.add_ConnectionServiceServicer_to_server(_ConnectionService(self), server)
         host_pb2_grpc.add_ServerServicer_to_server(_HostService(self), server)
-        server.add_generic_rpc_handlers((self._health.generic_handler(),))
+        server.add_generic_rpc_handlers((self._health.generic_handler(), *self._handlers))
         # OAuth token endpoint (POST /connect/token, see DESIGN.md section 4): not served
         # yet. It belongs here, next to the gRPC port, when the security work adds it.
         target = _join_host_port(self._host, self._requested_port)
@@ -281,9 +295,15 @@ class DevServer:
     def stop(self, grace: float | None = None) -> None:
         """Stop serving and wait until the server has stopped. Idempotent.
 
-        Open ``Connect``, ``Watch`` and ``ObserveConnectedClients`` streams end at once
-        with ``UNAVAILABLE``; other calls in flight get ``grace`` seconds to finish
-        (None: cancelled at once).
+        The listening socket closes at once (new connections are refused) and clients
+        are sent a GOAWAY. Open ``Connect``, ``Watch`` and ``ObserveConnectedClients``
+        streams end at once with ``UNAVAILABLE``; other calls in flight (``handlers``
+        calls among them) get ``grace`` seconds to finish, then are cancelled (None:
+        cancelled at once), which their clients see as ``UNAVAILABLE`` too.
+
+        As with ``grpc.Server.stop``, a call made while another is still waiting for
+        the grace may shorten it: ``stop(None)`` from another thread cancels the calls
+        in flight now, and both calls return once the server has stopped.
         """
         with self._cond:
             server = self._server
@@ -295,6 +315,7 @@ class DevServer:
             self._stopped.set()
             return
         if not first:
+            server.stop(grace)  # grpc keeps the shorter of the two graces
             self._stopped.wait()
             return
         for wake in wakes:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 import hypothesis  # noqa: F401
 import pytest
 
-from tests.harness import EventRecorder, FaultProxy, KernelProcess
+from tests.harness import AppServerProcess, EventRecorder, FaultProxy, KernelProcess
 
 _KERNELS = pytest.StashKey[list[KernelProcess]]()
 
@@ -28,6 +28,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     if report.failed and report.when in ("setup", "call"):
         report.sections.append(("threads at failure", _thread_stacks()))
         for kernel in item.stash.get(_KERNELS, []):
+            report_sections = getattr(kernel, "report_sections", None)
+            if report_sections is not None:  # ServerProcess: app servers add their log
+                report.sections.extend(report_sections())
+                continue
             report.sections.append(
                 (f"kernel {kernel.address} stderr", kernel.stderr_text() or "(empty)")
             )
@@ -125,3 +129,68 @@ def proxy_factory() -> Iterator[Callable[..., FaultProxy]]:
 def recorder() -> EventRecorder:
     """A fresh ``EventRecorder``."""
     return EventRecorder()
+
+
+@pytest.fixture
+def etcd(request: pytest.FixtureRequest) -> Iterator[object]:
+    """A started single-member etcd (``tests.harness.etcd.EtcdProcess``: Debian's
+    ``etcd-server``, a Go gRPC server nobody here wrote) on a free loopback port, killed
+    after. Skipped when etcd is not installed, but failed when ``CI=true``. Keyword
+    arguments for ``EtcdProcess`` come by indirect parametrization:
+    ``@pytest.mark.parametrize("etcd", [{"log_level": "info"}], indirect=True)``."""
+    from tests.harness.etcd import EtcdProcess, require_etcd
+
+    proc = EtcdProcess(binary=require_etcd(), **getattr(request, "param", {}))
+    _track(request, proc)  # type: ignore[arg-type]  # its stderr joins failure reports
+    try:
+        proc.start()
+        yield proc
+    finally:
+        proc.close()
+
+
+@pytest.fixture
+def app_server_factory(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., AppServerProcess]]:
+    """``make(flavor="kernel", *, port=None, work_log=None, keepalive_interval=None,
+    start=True, timeout=15, bind_retry=None, **kwargs)``: an ``AppServerProcess`` (the
+    work service on a ``kernel``, ``grpc-health`` or ``plain`` server), started unless
+    ``start=False``; ``bind_retry`` as for ``start()`` (a fixed port is not retried by
+    default, so that a taken port fails at once).
+
+    Each server gets its own execution log in a fresh temporary directory unless
+    ``work_log`` is given (pass ``other.log.path`` to share one). Every server made, and
+    every child it stopped gracefully, is killed at teardown; when the test fails, their
+    stderr and execution logs are attached to the report.
+    """
+    made: list[AppServerProcess] = []
+
+    def make(
+        flavor: str = "kernel",
+        *,
+        port: int | None = None,
+        work_log: str | None = None,
+        keepalive_interval: float | None = None,
+        start: bool = True,
+        timeout: float = 15.0,
+        bind_retry: float | None = None,
+        **kwargs: object,
+    ) -> AppServerProcess:
+        if work_log is None:
+            work_log = str(tmp_path_factory.mktemp("work") / "executions.log")
+        proc = AppServerProcess(
+            port,
+            flavor=flavor,
+            work_log=work_log,
+            keepalive_interval=keepalive_interval,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        made.append(proc)
+        _track(request, proc)  # type: ignore[arg-type]
+        if start:
+            proc.start(timeout, bind_retry=bind_retry)
+        return proc
+
+    yield make
+    _close_all([proc.close for proc in made])

@@ -16,8 +16,10 @@ that object for the managed channel when the connection has no channel to send o
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -55,9 +57,12 @@ class CallError(grpc.RpcError, grpc.Call, _Future, ChronicleConnError):
     ``grpc.Future`` and, for streaming calls, an iterator; and a ``ChronicleConnError``.
     ``code()`` is ``UNAVAILABLE`` (not connected, or the connection gave up),
     ``DEADLINE_EXCEEDED`` (a ``wait_for_ready`` call's deadline passed while it waited
-    for the connection) or ``CANCELLED`` (the connection was closed, or the call was
-    cancelled while it waited). A pending call that gets sent behaves, from then on,
-    exactly like the gRPC call it became.
+    for the connection) or ``CANCELLED`` (the connection was closed, or the application
+    cancelled it while it waited). As with gRPC's calls, only the application's own
+    ``cancel()`` makes ``cancelled()`` true and ``result()`` raise
+    ``grpc.FutureCancelledError``; a call ended by ``close()`` is an error like any
+    other. A pending call that gets sent behaves, from then on, exactly like the gRPC
+    call it became; one the application drops is forgotten, never sent.
 
     Thread-safe.
     """
@@ -80,12 +85,14 @@ class CallError(grpc.RpcError, grpc.Call, _Future, ChronicleConnError):
         self._real: Any = None
         self._sending = False
         self._cancel_requested = False
+        self._user_cancelled = False  # cancel() ended it (not close(): that is an error)
         self._done_callbacks: list[Callable[[_Future], None]] = []
         self._rpc_callbacks: list[Callable[[], None]] = []
         self._timer: Handle | None = None
         self._traceback: TracebackType | None = None
         if code is None and deadline is not None:
-            self._timer = timer.schedule(deadline, self._expire)
+            # Weakly: a pending call the application dropped is garbage, as gRPC's are.
+            self._timer = timer.schedule(deadline, functools.partial(_expire, weakref.ref(self)))
 
     # ------------------------------------------------------------------ life cycle
 
@@ -165,9 +172,6 @@ class CallError(grpc.RpcError, grpc.Call, _Future, ChronicleConnError):
             _run(callback, self)
         return True
 
-    def _expire(self) -> None:
-        self.finish(_StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-
     def _wait(self, timeout: float | None) -> Any:
         """Block until sent (return the real call) or finished (return None).
 
@@ -204,6 +208,8 @@ class CallError(grpc.RpcError, grpc.Call, _Future, ChronicleConnError):
             real = self._real
         if real is not None:
             return bool(real.cancel())
+        with self._cond:
+            self._user_cancelled = self._code is None
         if self.finish(_StatusCode.CANCELLED, "Locally cancelled by application!"):
             return True
         with self._cond:  # being sent right now: cancelled as soon as it is
@@ -249,7 +255,7 @@ class CallError(grpc.RpcError, grpc.Call, _Future, ChronicleConnError):
         with self._cond:
             real = self._real
             if real is None:
-                return self._code is _StatusCode.CANCELLED
+                return self._user_cancelled and self._code is _StatusCode.CANCELLED
         return bool(real.cancelled())
 
     def running(self) -> bool:
@@ -266,7 +272,7 @@ class CallError(grpc.RpcError, grpc.Call, _Future, ChronicleConnError):
         started = time.monotonic()
         real = self._wait(timeout)
         if real is None:
-            if self._code is _StatusCode.CANCELLED:
+            if self.cancelled():
                 raise grpc.FutureCancelledError()
             raise self
         return real.result(_left(timeout, started))
@@ -275,7 +281,7 @@ class CallError(grpc.RpcError, grpc.Call, _Future, ChronicleConnError):
         started = time.monotonic()
         real = self._wait(timeout)
         if real is None:
-            if self._code is _StatusCode.CANCELLED:
+            if self.cancelled():
                 raise grpc.FutureCancelledError()
             return self
         return real.exception(_left(timeout, started))
@@ -284,7 +290,7 @@ class CallError(grpc.RpcError, grpc.Call, _Future, ChronicleConnError):
         started = time.monotonic()
         real = self._wait(timeout)
         if real is None:
-            if self._code is _StatusCode.CANCELLED:
+            if self.cancelled():
                 raise grpc.FutureCancelledError()
             return self.__traceback__
         return real.traceback(_left(timeout, started))
@@ -343,6 +349,12 @@ class _Forward:
 
     def __call__(self, _real: object) -> None:
         self._fn(self._call)
+
+
+def _expire(ref: weakref.ReferenceType[CallError]) -> None:
+    call = ref()
+    if call is not None:
+        call.finish(_StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
 
 def _left(timeout: float | None, started: float) -> float | None:

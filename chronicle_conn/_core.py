@@ -95,8 +95,11 @@ class Core:
         self.current_delay: float | None = None
         self.liveness = config.liveness.value
         self.counters = Counters()
-        #: wait_for_ready future()/stream calls waiting for a generation, oldest first.
-        self.deferred: list[CallError] = []
+        #: wait_for_ready future()/stream calls waiting for a generation, oldest first;
+        #: held weakly, as gRPC holds its calls: one the application dropped is garbage.
+        self.deferred: list[weakref.ReferenceType[CallError]] = []
+        #: The generation close() took out of ``current``, for the supervisor to close.
+        self.dropped: Generation | None = None
         self.events = EventQueue(self.cond, log)
         self.thread: threading.Thread | None = None
         self._start: Callable[[], threading.Thread] | None = None
@@ -152,11 +155,12 @@ class Core:
 
     def ensure_thread(self) -> None:
         """Start the supervisor thread if it is not running. Lock held."""
-        if self.closing or self._start is None:
+        start = self._start  # read once: abandon() may clear it on any thread
+        if self.closing or start is None:
             return
         thread = self.thread
         if thread is None or not thread.is_alive():
-            self.thread = self._start()
+            self.thread = start()
 
     def arm(self) -> None:
         """Ask for a connection (IDLE/FAILED -> CONNECTING). Lock held."""
@@ -265,21 +269,22 @@ class Core:
             if gen is not None:
                 return gen
             self.check_open()
-            self.deferred.append(call)
+            self.deferred.append(weakref.ref(call))
             if len(self.deferred) == 1:
                 self.cond.notify_all()  # demand begins
             self.arm()
             return None
 
     def take_deferred(self) -> list[CallError]:
-        """Remove and return every deferred call. Lock held."""
-        calls, self.deferred = self.deferred, []
-        return calls
+        """Remove and return every deferred call still alive. Lock held."""
+        refs, self.deferred = self.deferred, []
+        return [call for call in (ref() for ref in refs) if call is not None]
 
     def prune_deferred(self) -> None:
-        """Forget deferred calls that finished while waiting (deadline, cancel). Lock held."""
+        """Forget deferred calls that finished while waiting (deadline, cancel) or were
+        dropped. Lock held."""
         if self.deferred:
-            self.deferred = [call for call in self.deferred if call.pending]
+            self.deferred = [ref for ref in self.deferred if _pending(ref)]
 
     def request_reconnect(self) -> None:
         with self.cond:
@@ -311,6 +316,8 @@ class Core:
             if first:
                 self.closing = True
                 self.armed = False
+                # No call may start on it from now on: the supervisor closes it.
+                self.dropped, self.current = self.current, None
                 self.transition(_S.CLOSED, error=error)
                 deferred = self.take_deferred()
             thread = self.thread
@@ -325,7 +332,8 @@ class Core:
         waiting. Runs wherever the collector runs, possibly inside one of this
         connection's own critical sections, so it never waits for the lock: it sets a
         flag, and wakes the supervisor only if the lock is free (else the supervisor's
-        bounded waits notice the flag within a second)."""
+        idle waits notice the flag within a second, or its attempt in progress when it
+        ends)."""
         self.abandoned = True
         self._start = None  # no new thread; a running one shuts down
         if self._lock.acquire(blocking=False):
@@ -338,6 +346,7 @@ class Core:
 
     def stats(self) -> ConnectionStats:
         with self.cond:
+            self.prune_deferred()
             gen = self.current
             live = gen.monitor.received if gen is not None else 0
             c = self.counters
@@ -382,3 +391,8 @@ class Core:
         self.armed = False
         with self.cond:
             self.transition(_S.IDLE, error="fork: the child starts over on its own channel")
+
+
+def _pending(ref: weakref.ReferenceType[CallError]) -> bool:
+    call = ref()
+    return call is not None and call.pending

@@ -7,9 +7,11 @@ cap). So the library never cuts a call short by swapping channels, and never sen
 on a channel it has closed.
 
 Every call the managed channel makes goes through :meth:`Generation.enter` before it is
-issued and :meth:`Generation.leave` when it has finished. Both take only this
-generation's own small lock; nothing here knows the connection it belongs to (the
-owner passes in what to call when the generation drains or looks unhealthy).
+issued and :meth:`Generation.leave` when it has finished. Both take this generation's
+own small lock; only the last ``leave`` of a retired generation also calls the owner
+(which takes the connection's lock, after this one is released). Nothing here knows the
+connection it belongs to: the owner passes in what to call when the generation drains
+or looks unhealthy.
 """
 
 from __future__ import annotations

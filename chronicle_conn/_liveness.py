@@ -374,7 +374,7 @@ class HealthMonitor(Monitor):
                     else:
                         self._not_serving(response.status)
                     self._cond.notify_all()
-                    if self.status in (MonitorStatus.FAILED, MonitorStatus.LOST):
+                    if self.status in _FINAL:
                         break
         except grpc.RpcError as exc:
             error = exc
@@ -382,7 +382,7 @@ class HealthMonitor(Monitor):
             self._fail("health watch", exc)
             return
         with self._cond:
-            done = self.status in (MonitorStatus.FAILED, MonitorStatus.LOST)
+            done = self.status in _FINAL
             call = self._call
         if done:
             if call is not None:
@@ -395,7 +395,10 @@ class HealthMonitor(Monitor):
         name = _health.HealthCheckResponse.ServingStatus.Name(status)
         self.error = f"health: {name}"
         if self.status is MonitorStatus.PENDING:
-            self.status = MonitorStatus.FAILED
+            # No status for the whole server is not "down": that server does not offer
+            # whole-server health (``auto`` then falls back to transport).
+            unknown = status in (_health.SERVICE_UNKNOWN, _health.UNKNOWN)
+            self.status = MonitorStatus.UNSUPPORTED if unknown else MonitorStatus.FAILED
         elif self.status is MonitorStatus.ESTABLISHED:
             self.status = MonitorStatus.LOST
 
@@ -417,6 +420,10 @@ class HealthMonitor(Monitor):
             self.last_seen = self._clock()
         else:
             self._not_serving(status)
+
+
+#: What a health answer can settle for good: the Watch stream is then cancelled.
+_FINAL = (MonitorStatus.FAILED, MonitorStatus.LOST, MonitorStatus.UNSUPPORTED)
 
 
 def _code(error: BaseException | None) -> grpc.StatusCode | None:

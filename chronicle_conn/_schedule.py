@@ -37,23 +37,9 @@ def load() -> ModuleType:
     return _backoff
 
 
-def exponential(policy: ReconnectPolicy, rng: random.Random | None = None) -> Iterator[float]:
-    """The delays of one budget, forever (the caller counts the attempts).
-
-    ``backoff.expo`` gives the capped exponential schedule; jitter is applied here as a
-    fraction of each delay (``backoff``'s own jitters are full or random-plus-one).
-    """
-    schedule = load().expo(
-        base=policy.multiplier, factor=policy.base_delay, max_value=policy.max_delay
-    )
-    next(schedule)  # backoff's generators are primed with one bare next()
-    return _jittered(schedule, policy.jitter, rng or random.Random())
-
-
-def _jittered(schedule: Iterator[float], jitter: float, rng: random.Random) -> Iterator[float]:
-    for value in schedule:
-        spread = value * jitter
-        yield max(0.0, value + rng.uniform(-spread, spread))
+def exponential(policy: ReconnectPolicy) -> Iterator[float]:
+    """The default delay factory: the policy's own ``backoff`` schedule."""
+    return policy.delays()
 
 
 class DelaySchedule:

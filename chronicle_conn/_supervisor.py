@@ -37,8 +37,9 @@ _S = ConnectionState
 
 DelayFactory = Callable[[ReconnectPolicy], Iterator[float]]
 
-#: Every wait of the supervisor ends after at most this long, so that a connection
-#: abandoned while its lock was busy (see ``Core.abandon``) still shuts down.
+#: The supervisor's idle waits (connected, backing off, parked) end after at most this
+#: long, so that a connection abandoned while its lock was busy (see ``Core.abandon``)
+#: still shuts down; an attempt in progress ends first (``attempt_timeout``).
 _HEARTBEAT = 1.0
 
 #: After a verification that found the server fine, calls failing with UNAVAILABLE do
@@ -481,6 +482,8 @@ class Supervisor:
         core = self.core
         result = self.dialer.attempt(0)
         if not isinstance(result, Generation):
+            if self._stopping():
+                return None
             core.log.warning("replacement_failed", reason=reason, error=str(result))
             with core.cond:
                 core.last_error = f"{reason}: {result}"
@@ -559,9 +562,9 @@ class Supervisor:
         with core.cond:
             retired, self._retired = self._retired, []
             self._drained = False
-            gen = core.current
-            core.current = None
-        gens = [r.gen for r in retired] + ([gen] if gen is not None else [])
+            current, dropped = core.current, core.dropped
+            core.current = core.dropped = None
+        gens = [r.gen for r in retired] + [g for g in (current, dropped) if g is not None]
         for each in gens:
             each.monitor.stop()  # cancel every stream first, then close, then join
         for each in gens:

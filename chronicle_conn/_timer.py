@@ -35,8 +35,14 @@ class Handle:
         self.cancelled = False
 
     def cancel(self) -> None:
-        """Do not run it (if it has not run yet). Lock-free: a plain attribute write."""
+        """Do not run it (if it has not run yet). Lock-free: plain attribute writes; the
+        callback (and what it refers to) is let go at once."""
         self.cancelled = True
+        self.callback = _nothing
+
+
+def _nothing() -> None:
+    return None
 
 
 class Timer:

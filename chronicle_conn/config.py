@@ -118,12 +118,25 @@ class ReconnectPolicy:
     def delays(self, rng: random.Random | None = None) -> Iterator[float]:
         """Yield the delays of one budget, forever (the caller counts the attempts).
 
-        The schedule comes from ``backoff.expo``; jitter is applied as a fraction of
-        each delay. Thread-safe to call; the iterator itself belongs to one thread.
+        The schedule comes from ``backoff.expo``; jitter is applied here as a fraction
+        of each delay (``backoff``'s own jitters are full or random-plus-one).
+        Thread-safe to call; the iterator itself belongs to one thread. ``backoff`` is
+        imported here, not with the package (it costs as much as the rest of it); a
+        ``Connection`` imports it when it is built, on the constructing thread.
         """
-        from ._schedule import exponential  # noqa: PLC0415 - _schedule imports this module
+        import backoff  # noqa: PLC0415 - deferred, see the docstring
 
-        return exponential(self, rng)
+        schedule = backoff.expo(
+            base=self.multiplier, factor=self.base_delay, max_value=self.max_delay
+        )
+        next(schedule)  # backoff's generators are primed with one bare next()
+        return _jittered(schedule, self.jitter, rng or random.Random())
+
+
+def _jittered(schedule: Iterator[float], jitter: float, rng: random.Random) -> Iterator[float]:
+    for value in schedule:
+        spread = value * jitter
+        yield max(0.0, value + rng.uniform(-spread, spread))
 
 
 @dataclass(frozen=True)

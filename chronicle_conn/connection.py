@@ -224,7 +224,8 @@ class Connection:
 
     @property
     def connected(self) -> bool:
-        """Whether the state is CONNECTED. Non-blocking, lock-free."""
+        """Whether a channel is installed for calls (the state is CONNECTED; False from
+        the moment ``close()`` is called). Non-blocking, lock-free."""
         return self._core.current is not None
 
     def connect(self, timeout: float | None = None) -> Connection:
@@ -334,8 +335,10 @@ class Connection:
 
         Calls still in flight end with ``CANCELLED``. Blocks until the supervisor has
         stopped (bounded by ``close_timeout``). Safe from any thread, including a
-        listener (then it returns at once and the supervisor finishes when the listener
-        returns).
+        listener or a ``subscribe()`` callback (then it returns at once and the
+        supervisor finishes when the listener returns). From a gRPC done-callback of a
+        call on this connection it waits out ``close_timeout``: closing the channel
+        waits for that callback's thread (a raw ``grpc.Channel`` would hang for ever).
         """
         self._check_fork()
         self._supervisor.close()

@@ -14,9 +14,11 @@ object is a :class:`~chronicle_conn.CallError` (see ``_calls``).
 
 from __future__ import annotations
 
+import collections
 import functools
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,7 @@ import grpc
 from ._calls import CallError
 from ._core import Core
 from ._generation import Generation
+from ._log import module_log, swallow
 from .errors import (
     ConnectionClosedError,
     ConnectTimeoutError,
@@ -63,7 +66,10 @@ def _closed() -> CallError:
     return CallError(_Code.CANCELLED, "chronicle_conn: the connection is closed")
 
 
-def _cut_short(gen: Generation) -> CallError:
+def _cut_short(core: Core, gen: Generation) -> CallError:
+    """A call that entered ``gen`` but found its channel closed before it could start."""
+    if core.closing:
+        return _closed()
     return CallError(
         _Code.UNAVAILABLE,
         f"chronicle_conn: channel generation {gen.number} was closed before the call "
@@ -152,7 +158,7 @@ class _MultiCallable:
                     raise
                 except ValueError:
                     if gen.closed:
-                        raise _cut_short(gen) from None
+                        raise _cut_short(self._core, gen) from None
                     raise
                 finally:
                     gen.leave()
@@ -266,9 +272,11 @@ class _MultiCallable:
             call = inner(request, timeout, metadata, credentials, wait_for_ready, compression)
         except ValueError:
             if gen.closed:
-                return _cut_short(gen)
+                return _cut_short(self._core, gen)
             raise
-        if not call.add_callback(gen.leave):
+        if isinstance(call, grpc.Future):
+            call.add_done_callback(gen.finished)  # also tells of UNAVAILABLE
+        elif not call.add_callback(gen.leave):
             gen.leave()
         return call
 
@@ -316,7 +324,7 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
                 raise
             except ValueError:
                 if gen.closed:
-                    raise _cut_short(gen) from None
+                    raise _cut_short(self._core, gen) from None
                 raise
             finally:
                 gen.leave()
@@ -436,28 +444,68 @@ class _StreamStream(_MultiCallable, _StreamStreamBase):
 
 class _Subscription:
     """One ``subscribe()`` callback: the state at subscription first, then every change
-    after it, in order (the callback runs under this subscription's own lock)."""
+    after it, in order, one report at a time.
+
+    Reports are queued, and whoever finds nobody delivering delivers them, outside the
+    lock: a callback may call ``close()`` (whose CLOSED report is queued and delivered
+    by the loop already running) or anything else without deadlocking.
+    """
 
     def __init__(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
         self._callback = callback
         self._lock = threading.Lock()
-        self._started = False
-        self._early: list[ConnectionState] = []  # changes seen before the first report
+        # Guarded by _lock:
+        self._queue: collections.deque[grpc.ChannelConnectivity] = collections.deque()
+        self._started = False  # the first report (the state at subscription) is queued
+        self._delivering = False
 
     def on_change(self, change: StateChange) -> None:
         with self._lock:
-            if not self._started:
-                self._early.append(change.new)
+            self._queue.append(_CONNECTIVITY[change.new])
+            if not self._started or self._delivering:
                 return
-            self._callback(_CONNECTIVITY[change.new])
+            self._delivering = True
+        self._drain()
 
     def start(self, state: ConnectionState) -> None:
         with self._lock:
-            self._callback(_CONNECTIVITY[state])
-            for later in self._early:
-                self._callback(_CONNECTIVITY[later])
-            self._early.clear()
+            self._queue.appendleft(_CONNECTIVITY[state])
             self._started = True
+            self._delivering = True
+        self._drain()
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._delivering = False
+                    return
+                connectivity = self._queue.popleft()
+            try:
+                self._callback(connectivity)
+            except BaseException as exc:  # as grpc does: logged, never propagated
+                swallow(exc)
+                module_log().exception("subscribe_callback_failed", callback=repr(self._callback))
+
+    def reset_after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._delivering = False
+
+
+class _WeakListener:
+    """The listener the core holds for a subscription: weakly, so that whatever the
+    callback refers to (a ``channel_ready_future`` holds the channel) does not keep the
+    managed channel, and so the connection, alive from the core's side."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, subscription: _Subscription) -> None:
+        self._ref = weakref.WeakMethod(subscription.on_change)
+
+    def __call__(self, change: StateChange) -> None:
+        on_change = self._ref()
+        if on_change is not None:
+            on_change(change)
 
 
 class ManagedChannel(grpc.Channel):
@@ -492,7 +540,10 @@ class ManagedChannel(grpc.Channel):
     def __init__(self, core: Core) -> None:
         self._core = core
         self._lock = threading.Lock()
-        self._subscriptions: dict[Callable[[grpc.ChannelConnectivity], None], _Subscription] = {}
+        # Guarded by _lock: what each subscribed callback's reports go through.
+        self._subscriptions: dict[
+            Callable[[grpc.ChannelConnectivity], None], tuple[_Subscription, _WeakListener]
+        ] = {}
 
     def unary_unary(
         self,
@@ -567,12 +618,13 @@ class ManagedChannel(grpc.Channel):
             ConnectionClosedError: the connection is closed.
         """
         subscription = _Subscription(callback)
+        listener = _WeakListener(subscription)
         with self._lock:
             if callback in self._subscriptions:
                 return
-            self._subscriptions[callback] = subscription
+            self._subscriptions[callback] = (subscription, listener)
         try:
-            state = self._core.add_listener(subscription.on_change)
+            state = self._core.add_listener(listener)
         except ConnectionClosedError:
             with self._lock:
                 self._subscriptions.pop(callback, None)
@@ -583,9 +635,9 @@ class ManagedChannel(grpc.Channel):
 
     def unsubscribe(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
         with self._lock:
-            subscription = self._subscriptions.pop(callback, None)
-        if subscription is not None:
-            self._core.remove_listener(subscription.on_change)
+            entry = self._subscriptions.pop(callback, None)
+        if entry is not None:
+            self._core.remove_listener(entry[1])
 
     def close(self) -> None:
         """Does nothing: close the shared connection with ``Connection.close()``."""
@@ -597,8 +649,10 @@ class ManagedChannel(grpc.Channel):
         return None
 
     def reset_after_fork(self) -> None:
-        """In a forked child: a fresh lock (the parent's may have been held)."""
+        """In a forked child: fresh locks (the parent's may have been held)."""
         self._lock = threading.Lock()
+        for subscription, _ in self._subscriptions.values():
+            subscription.reset_after_fork()
 
     def __repr__(self) -> str:
         core = self._core

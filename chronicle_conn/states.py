@@ -19,9 +19,10 @@ class ConnectionState(enum.Enum):
 
     ``IDLE``: created with ``auto_connect=False``, or in a child after ``fork()``.
     ``CONNECTING``: the first attempts of a budget. ``CONNECTED``: a channel is ready.
-    ``RECONNECTING``: the connection was lost (or ``reconnect()`` was called) and the
-    supervisor is dialing again. ``FAILED``: a bounded retry budget ran out; the next
-    ``connect()`` re-arms it. ``CLOSED``: terminal.
+    ``RECONNECTING``: the connection was lost and the supervisor is dialing again
+    (``reconnect()`` replaces a channel without leaving CONNECTED). ``FAILED``: a
+    bounded retry budget ran out; the next ``connect()``, call or ``channel()`` re-arms
+    it. ``CLOSED``: terminal.
     """
 
     IDLE = "idle"

@@ -95,8 +95,11 @@ class ChannelFactory:
             # A private subchannel per channel: a new channel must not inherit the backoff
             # timer of an older one through gRPC's global subchannel pool.
             ("grpc.use_local_subchannel_pool", 1),
-            # gRPC core's own reconnect schedule follows ours instead of its 1 s..120 s.
-            ("grpc.initial_reconnect_backoff_ms", max(100, int(policy.base_delay * 1000))),
+            # Core reconnects a channel by itself only while calls wait on it (a
+            # wait_for_ready call caught on a lost channel): then it should be back as
+            # soon as the server is (100 ms, the least core allows, growing by 1.6 up to
+            # reconnect_max_delay), not after core's own 1 s..120 s.
+            ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", max(100, int(policy.max_delay * 1000))),
             ("grpc.min_reconnect_backoff_ms", max(100, int(config.attempt_timeout * 1000))),
             ("grpc.service_config", json.dumps(service_config)),

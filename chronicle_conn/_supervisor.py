@@ -66,6 +66,7 @@ class _Retiree:
     gen: Generation
     cap_at: float | None  # closed at this time even with calls in flight (None: never)
     unavailable: str  # what calls cut short at the cap are told (UNAVAILABLE)
+    lost: bool  # lost, not replaced: its calls may be waiting for the server
 
 
 class Supervisor:
@@ -213,6 +214,11 @@ class Supervisor:
         caps = [r.cap_at for r in self._retired if r.cap_at is not None]
         return min(caps, default=math.inf)
 
+    def _stranded(self) -> bool:
+        """Whether calls are in flight on a lost generation (``wait_for_ready`` calls
+        caught there wait for the server too): demand. Lock held."""
+        return any(r.lost and r.gen.in_flight for r in self._retired)
+
     def _on_drained(self) -> None:
         """A retired generation's last call finished (any thread)."""
         core = self.core
@@ -301,7 +307,7 @@ class Supervisor:
                     return
                 core.prune_deferred()
                 now = core.clock()
-                wake = schedule.wake_at(core.has_demand(now))
+                wake = schedule.wake_at(core.has_demand(now) or self._stranded())
                 if now >= wake:
                     return
                 core.cond.wait(self._timeout(wake, now))
@@ -474,7 +480,9 @@ class Supervisor:
         if not stopping:
             core.log.warning("connection_lost", reason=reason, generation=gen.number)
         core.deliver()
-        self._retire(gen, f"chronicle_conn: connection lost ({reason}); drain_timeout passed")
+        self._retire(
+            gen, f"chronicle_conn: connection lost ({reason}); drain_timeout passed", lost=True
+        )
 
     def _replace(self, gen: Generation, reason: str) -> Generation | None:
         """Make-before-break: dial a new generation while ``gen`` serves, then swap them
@@ -505,7 +513,7 @@ class Supervisor:
 
     # ------------------------------------------------------------------ retiring
 
-    def _retire(self, gen: Generation, unavailable: str) -> None:
+    def _retire(self, gen: Generation, unavailable: str, *, lost: bool = False) -> None:
         """Stop watching ``gen`` and refuse it new calls; it is closed (by ``_reap``)
         when its calls in flight have finished, or at ``drain_timeout``."""
         core = self.core
@@ -515,7 +523,7 @@ class Supervisor:
         drained = gen.retire()
         with core.cond:
             core.counters.keepalives += gen.monitor.received
-            self._retired.append(_Retiree(gen, cap_at, unavailable))
+            self._retired.append(_Retiree(gen, cap_at, unavailable, lost))
             if drained:
                 self._drained = True
         self._reap()

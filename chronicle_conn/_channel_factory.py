@@ -7,7 +7,6 @@ One factory per connection; every generation and every candidate channel comes f
 from __future__ import annotations
 
 import ipaddress
-import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -102,7 +101,7 @@ class ChannelFactory:
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", max(100, int(policy.max_delay * 1000))),
             ("grpc.min_reconnect_backoff_ms", max(100, int(config.attempt_timeout * 1000))),
-            ("grpc.service_config", json.dumps(service_config)),
+            ("grpc.service_config", _json(service_config)),
             ("grpc.primary_user_agent", "chronicle-conn"),
         ]
         # The user's options come last so that they win.
@@ -161,3 +160,9 @@ def _close_unavailable(channel: grpc.Channel, details: str) -> None:
         core.close(cygrpc.StatusCode.unavailable, details)
     except Exception:  # an unexpected grpc version: the public close() still runs
         return
+
+
+def _json(value: Any) -> str:
+    import json  # noqa: PLC0415 - on the constructing thread; not worth 3 ms at import
+
+    return json.dumps(value)

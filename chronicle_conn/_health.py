@@ -13,6 +13,12 @@ request asks about the whole server), which any server answers somehow; :func:`c
 a one-call convenience.
 Server side: :class:`HealthServicer` keeps the statuses and serves ``Check`` and
 ``Watch`` through :meth:`HealthServicer.generic_handler`.
+
+The generated messages (and protobuf with them) are imported on first use, not with the
+package: :func:`load` imports them, and a ``Connection`` calls it on the thread that
+builds it, so that none of the library's background threads is the first to import
+anything. ``HealthCheckRequest`` and ``HealthCheckResponse`` are module attributes
+resolved on first access.
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Iterator, Mapping
-from typing import TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import grpc
 
-from ._proto.health_pb2 import HealthCheckRequest, HealthCheckResponse
+if TYPE_CHECKING:
+    from ._proto.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
 __all__ = [
     "CHECK_METHOD",
@@ -40,7 +47,9 @@ __all__ = [
     "ServingStatus",
     "check",
     "check_callable",
+    "load",
     "probe_callable",
+    "status_name",
     "watch_callable",
 ]
 
@@ -48,21 +57,42 @@ SERVICE_NAME = "grpc.health.v1.Health"
 CHECK_METHOD = f"/{SERVICE_NAME}/Check"
 WATCH_METHOD = f"/{SERVICE_NAME}/Watch"
 
-ServingStatus: TypeAlias = HealthCheckResponse.ServingStatus.ValueType
-UNKNOWN: ServingStatus = HealthCheckResponse.UNKNOWN
-SERVING: ServingStatus = HealthCheckResponse.SERVING
-NOT_SERVING: ServingStatus = HealthCheckResponse.NOT_SERVING
-SERVICE_UNKNOWN: ServingStatus = HealthCheckResponse.SERVICE_UNKNOWN
+ServingStatus: TypeAlias = "HealthCheckResponse.ServingStatus.ValueType"
+# The enum's wire values (grpc/health/v1/health.proto); a test checks them against the
+# generated module.
+UNKNOWN = cast("ServingStatus", 0)
+SERVING = cast("ServingStatus", 1)
+NOT_SERVING = cast("ServingStatus", 2)
+SERVICE_UNKNOWN = cast("ServingStatus", 3)
+
+
+def load() -> Any:
+    """Import the generated health messages (and protobuf); return their module."""
+    from ._proto import health_pb2  # noqa: PLC0415 - deferred, see the module docstring
+
+    return health_pb2
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("HealthCheckRequest", "HealthCheckResponse"):
+        return getattr(load(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def status_name(status: int) -> str:
+    """``SERVING``, ``NOT_SERVING``... for a status value."""
+    return str(load().HealthCheckResponse.ServingStatus.Name(status))
 
 
 def check_callable(
     channel: grpc.Channel,
 ) -> grpc.UnaryUnaryMultiCallable[HealthCheckRequest, HealthCheckResponse]:
     """Return the ``/grpc.health.v1.Health/Check`` multicallable on ``channel``."""
+    messages = load()
     return channel.unary_unary(
         CHECK_METHOD,
-        request_serializer=HealthCheckRequest.SerializeToString,
-        response_deserializer=HealthCheckResponse.FromString,
+        request_serializer=messages.HealthCheckRequest.SerializeToString,
+        response_deserializer=messages.HealthCheckResponse.FromString,
     )
 
 
@@ -85,10 +115,11 @@ def watch_callable(
     channel: grpc.Channel,
 ) -> grpc.UnaryStreamMultiCallable[HealthCheckRequest, HealthCheckResponse]:
     """Return the ``/grpc.health.v1.Health/Watch`` multicallable on ``channel``."""
+    messages = load()
     return channel.unary_stream(
         WATCH_METHOD,
-        request_serializer=HealthCheckRequest.SerializeToString,
-        response_deserializer=HealthCheckResponse.FromString,
+        request_serializer=messages.HealthCheckRequest.SerializeToString,
+        response_deserializer=messages.HealthCheckResponse.FromString,
     )
 
 
@@ -106,7 +137,7 @@ def check(
             ``UNIMPLEMENTED`` when the server has no health service).
     """
     response = check_callable(channel)(
-        HealthCheckRequest(service=service), timeout=timeout, wait_for_ready=wait_for_ready
+        load().HealthCheckRequest(service=service), timeout=timeout, wait_for_ready=wait_for_ready
     )
     return response.status
 
@@ -172,7 +203,8 @@ class HealthServicer:
         status = self.status(request.service)
         if status is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
-        return HealthCheckResponse(status=status)
+        response: HealthCheckResponse = load().HealthCheckResponse(status=status)
+        return response
 
     def watch(
         self, request: HealthCheckRequest, context: grpc.ServicerContext
@@ -204,7 +236,7 @@ class HealthServicer:
                 if closed:
                     context.abort(grpc.StatusCode.UNAVAILABLE, "health service is shutting down")
                 for status in pending:
-                    yield HealthCheckResponse(status=status)
+                    yield load().HealthCheckResponse(status=status)
         finally:
             with self._cond:
                 watchers = self._watchers[service]
@@ -213,19 +245,20 @@ class HealthServicer:
                     del self._watchers[service]
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
+        messages = load()
         """A handler serving ``grpc.health.v1.Health`` for ``server.add_generic_rpc_handlers``."""
         return grpc.method_handlers_generic_handler(
             SERVICE_NAME,
             {
                 "Check": grpc.unary_unary_rpc_method_handler(
                     self.check,
-                    request_deserializer=HealthCheckRequest.FromString,
-                    response_serializer=HealthCheckResponse.SerializeToString,
+                    request_deserializer=messages.HealthCheckRequest.FromString,
+                    response_serializer=messages.HealthCheckResponse.SerializeToString,
                 ),
                 "Watch": grpc.unary_stream_rpc_method_handler(
                     self.watch,
-                    request_deserializer=HealthCheckRequest.FromString,
-                    response_serializer=HealthCheckResponse.SerializeToString,
+                    request_deserializer=messages.HealthCheckRequest.FromString,
+                    response_serializer=messages.HealthCheckResponse.SerializeToString,
                 ),
             },
         )

@@ -33,19 +33,36 @@ import os
 import socket
 import sys
 import threading
-import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.protobuf import empty_pb2
 
 from . import _health
 from ._log import QuietLog
-from ._proto import clients_pb2
 from .config import LivenessMode
 
-__all__ = ["AUTO_ORDER", "Monitor", "MonitorStatus", "make_monitor", "rpc_status"]
+if TYPE_CHECKING:
+    from ._proto import clients_pb2
+
+__all__ = ["AUTO_ORDER", "Monitor", "MonitorStatus", "load", "make_monitor", "rpc_status"]
+
+
+def load() -> None:
+    """Import the generated messages the monitors use (and protobuf with them).
+
+    Not imported with the package (protobuf costs as much as the rest of it): a
+    ``Connection`` calls this on the thread that builds it, so that the monitors' own
+    threads only ever find them already imported.
+    """
+    import uuid  # noqa: F401, PLC0415 - uuid imports platform: 5 ms
+
+    from google.protobuf import empty_pb2  # noqa: F401, PLC0415
+
+    from ._proto import clients_pb2  # noqa: F401, PLC0415
+
+    _health.load()
+
 
 CONNECT_METHOD = "/Cratis.Chronicle.Contracts.Clients.ConnectionService/Connect"
 KEEPALIVE_METHOD = "/Cratis.Chronicle.Contracts.Clients.ConnectionService/ConnectionKeepAlive"
@@ -282,10 +299,14 @@ class KeepAliveMonitor(Monitor):
     probes = False
 
     def start(self) -> None:
+        import uuid  # noqa: PLC0415 - loaded by load()
+
         self.connection_id = str(uuid.uuid4())
         self._spawn(self._run)
 
     def _request(self) -> clients_pb2.ConnectRequest:
+        from ._proto import clients_pb2  # noqa: PLC0415 - loaded by load()
+
         return clients_pb2.ConnectRequest(
             ConnectionId=self.connection_id,
             ClientVersion=self._client_version,
@@ -297,6 +318,10 @@ class KeepAliveMonitor(Monitor):
         )
 
     def _run(self) -> None:
+        from google.protobuf import empty_pb2  # noqa: PLC0415 - loaded by load()
+
+        from ._proto import clients_pb2  # noqa: PLC0415
+
         connect = self._channel.unary_stream(
             CONNECT_METHOD,
             request_serializer=clients_pb2.ConnectRequest.SerializeToString,
@@ -359,7 +384,7 @@ class HealthMonitor(Monitor):
         error: grpc.RpcError | None = None
         try:
             call = _health.watch_callable(self._channel)(
-                _health.HealthCheckRequest(service=""), wait_for_ready=False
+                _health.load().HealthCheckRequest(service=""), wait_for_ready=False
             )
             if not self._set_call(call):
                 return
@@ -392,7 +417,7 @@ class HealthMonitor(Monitor):
 
     def _not_serving(self, status: _health.ServingStatus) -> None:
         """Lock held."""
-        name = _health.HealthCheckResponse.ServingStatus.Name(status)
+        name = _health.status_name(status)
         self.error = f"health: {name}"
         if self.status is MonitorStatus.PENDING:
             # No status for the whole server is not "down": that server does not offer
@@ -404,7 +429,7 @@ class HealthMonitor(Monitor):
 
     def _probe(self) -> Any:
         return _health.check_callable(self._channel).future(
-            _health.HealthCheckRequest(service=""),
+            _health.load().HealthCheckRequest(service=""),
             timeout=self._stale_after,
             wait_for_ready=False,
         )

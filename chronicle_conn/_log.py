@@ -1,13 +1,27 @@
-"""The library's logger: structlog events that can never take a thread down with them."""
+"""The library's logger: structlog events that can never take a thread down with them.
+
+structlog is imported when the first connection is built (on its constructing thread, see
+``_schedule``), not with the package: it costs about as much as the rest of the package.
+"""
 
 from __future__ import annotations
 
 import threading
 from typing import Any
 
-import structlog
+__all__ = ["QuietLog", "connection_log", "load", "module_log", "swallow"]
 
-__all__ = ["QuietLog", "connection_log", "module_log", "swallow"]
+_structlog: Any = None
+
+
+def load() -> Any:
+    """Import structlog (once). Call it on a constructing thread, not in a background one."""
+    global _structlog
+    if _structlog is None:
+        import structlog  # noqa: PLC0415 - deliberately deferred, see the module docstring
+
+        _structlog = structlog
+    return _structlog
 
 
 def swallow(exc: BaseException) -> None:
@@ -59,9 +73,19 @@ def connection_log(logger: Any, **context: Any) -> QuietLog:
     """
     if logger is not None:
         return QuietLog(logger.bind(**context))
-    return QuietLog(structlog.get_logger("chronicle_conn", **context))
+    return QuietLog(load().get_logger("chronicle_conn", **context))
+
+
+class _Silent:
+    """Stands in for structlog before anything loaded it (nothing to log then)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
 
 
 def module_log() -> QuietLog:
-    """A logger for events that belong to no one connection."""
-    return QuietLog(structlog.get_logger("chronicle_conn"))
+    """A logger for events that belong to no one connection (callbacks of calls and
+    subscriptions, which exist only once a connection was built, and so structlog
+    loaded)."""
+    structlog = _structlog
+    return QuietLog(_Silent() if structlog is None else structlog.get_logger("chronicle_conn"))

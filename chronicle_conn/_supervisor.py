@@ -91,6 +91,7 @@ class Supervisor:
         self._drained = False  # a retired generation's last call finished
         self._call_suspect: str | None = None  # a call through the facade hinted at loss
         self._verified_at = -math.inf  # the last verification that found the server there
+        self._crashes = 0  # threads that ended unexpectedly (each restart waits longer)
 
     # ------------------------------------------------------------------ other threads
 
@@ -135,11 +136,23 @@ class Supervisor:
     def run(self) -> None:
         """The thread's target: the loop, and whatever happens, a state that tells the truth."""
         try:
+            self._after_crash()
             self._loop()
         except BaseException:
             self.core.log.exception("supervisor_crashed")
         finally:
             self._exit()
+
+    def _after_crash(self) -> None:
+        """A thread that replaces one that died waits a little first (longer each time,
+        up to reconnect_max_delay), so that a fault that kills every thread does not
+        turn into a busy loop."""
+        core = self.core
+        policy = core.config.policy
+        pause = min(self._crashes * policy.base_delay, policy.max_delay)
+        if pause > 0:
+            with core.cond:
+                core.cond.wait_for(self._stopping, pause)
 
     def _stopping(self) -> bool:
         core = self.core
@@ -183,12 +196,18 @@ class Supervisor:
             gen = core.current
             core.current = None
             if not stopping:
-                # Died unexpectedly: say so, and let the next caller start a new thread.
+                # Died unexpectedly: say so, and start again at once for the calls that
+                # wait in the background (a blocking caller restarts it when it wakes,
+                # any later caller too).
+                self._crashes += 1
                 if core.state is _S.CONNECTED:
                     core.transition(
                         _S.RECONNECTING, error="the supervisor thread stopped unexpectedly"
                     )
                 core.thread = None
+                core.prune_deferred()
+                if core.deferred:
+                    core.ensure_thread()
                 core.cond.notify_all()
         if stopping:
             if gen is not None:

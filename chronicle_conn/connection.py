@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from . import _schedule
+from . import _liveness, _log, _schedule
 from ._channel_factory import ChannelFactory
 from ._core import Core
 from ._generation import park
@@ -149,8 +149,11 @@ class Connection:
             logger=logger,
         )
         factory = ChannelFactory(config)
-        # Imported now, on the constructing thread, never by the supervisor's thread.
+        # Deferred from the package import (they cost as much as the rest of it), and
+        # imported now, on the constructing thread: never first by a background thread.
         _schedule.load()
+        _liveness.load()
+        _log.load()
         self._config = config
         self._label = name or f"{cs.hosts[0]}#{next(_sequence)}"
         log = connection_log(config.logger, connection=name or self._label, target=cs.redacted())

@@ -136,12 +136,13 @@ _BOOL_KEYS: Final = frozenset({"disableTls", "skipTlsValidation"})
 # Options that only make sense with TLS on; each contradicts disableTls=true.
 _TLS_ONLY_KEYS: Final = ("caPath", "certificatePassword", "certificatePath", "keyPath")
 
-_SCHEME_RE: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+# Patterns, compiled (and cached by re) on first use rather than at import.
+_SCHEME_RE: Final = r"([A-Za-z][A-Za-z0-9+.-]*)://"
 # Whitespace (Unicode), C0/C1 controls, DEL and lone surrogates.
-_BAD_RAW_CHAR_RE: Final = re.compile(r"[\s\x00-\x1f\x7f-\x9f\ud800-\udfff]")
-_CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
-_BAD_ESCAPE_RE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
-_LABEL_RE: Final = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+_BAD_RAW_CHAR_RE: Final = r"[\s\x00-\x1f\x7f-\x9f\ud800-\udfff]"
+_CONTROL_RE: Final = r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]"
+_BAD_ESCAPE_RE: Final = r"%(?![0-9A-Fa-f]{2})"
+_LABEL_RE: Final = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _DIGITS: Final = frozenset("0123456789")
 _IPV6_CHARS: Final = frozenset("0123456789abcdefABCDEF:.")
 _MAX_HOSTNAME: Final = 253
@@ -186,7 +187,7 @@ def _hostname_problem(host: str) -> str | None:
     for label in labels:
         if not label:
             return "has an empty label (stray '.')"
-        if _LABEL_RE.fullmatch(label) is None:
+        if re.fullmatch(_LABEL_RE, label) is None:
             return (
                 "is not a valid host name (letters, digits, '-', '_' and '.' only; labels "
                 "of at most 63 characters that neither start nor end with '-')"
@@ -341,7 +342,7 @@ def _decode(raw: str, what: str, *, show: bool, option: str) -> str:
         ConnectionStringError: a malformed escape, or bytes that are not UTF-8.
     """
     shown = f" ({_show(raw)})" if show else ""
-    if _BAD_ESCAPE_RE.search(raw) is not None:
+    if re.search(_BAD_ESCAPE_RE, raw) is not None:
         raise _error(f"{what}{shown} has a '%' not followed by two hex digits", option)
     try:
         return unquote(raw, errors="strict")
@@ -359,7 +360,7 @@ def _check_text(value: object, what: str, *, secret: bool, option: str) -> None:
         raise _error(f"{what} must be a str or None, not {type(value).__name__}", option)
     if not value:
         raise _error(f"{what} must not be empty", option)
-    match = _CONTROL_RE.search(value)
+    match = re.search(_CONTROL_RE, value)
     if match is not None:
         where = "" if secret else f" (at index {match.start()} of {_show(value)})"
         raise _error(f"{what} contains a control character{where}", option)
@@ -600,7 +601,7 @@ class ConnectionString:
                 f"connection string is {len(text)} characters long; the limit is {MAX_LENGTH}",
                 "connection_string",
             )
-        bad = _BAD_RAW_CHAR_RE.search(text)
+        bad = re.search(_BAD_RAW_CHAR_RE, text)
         if bad is not None:
             raise _error(
                 f"connection string contains whitespace or a control character at index "
@@ -611,7 +612,7 @@ class ConnectionString:
             raise _error(
                 "connection string contains '#' (percent-encode it as %23)", "connection_string"
             )
-        match = _SCHEME_RE.match(text)
+        match = re.match(_SCHEME_RE, text)
         if match is None:
             raise _error(
                 f"missing scheme: a connection string starts with '{SCHEME}://' "

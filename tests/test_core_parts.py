@@ -137,6 +137,7 @@ def test_a_failed_call_is_an_rpc_error_a_call_and_a_future():
 
 def test_a_pending_call_waits_then_becomes_the_real_call():
     gen, _, _ = make_generation()
+
     class Real:
         """Stands in for grpc's call object; records what was delegated to it."""
 
@@ -278,3 +279,49 @@ def test_the_timer_thread_ends_when_idle_and_comes_back(monkeypatch):
     assert not thread.is_alive()
     timer.schedule(time.monotonic(), lambda: ran(2))  # a new thread for a new deadline
     assert ran.wait_for_count(2, 10)
+
+
+# ---------------------------------------------------------------------------- imports
+
+
+def test_the_health_status_values_are_the_generated_enums():
+    from chronicle_conn import _health
+    from chronicle_conn._proto import health_pb2
+
+    response = health_pb2.HealthCheckResponse
+    assert _health.UNKNOWN == response.UNKNOWN
+    assert _health.SERVING == response.SERVING
+    assert _health.NOT_SERVING == response.NOT_SERVING
+    assert _health.SERVICE_UNKNOWN == response.SERVICE_UNKNOWN
+    assert _health.status_name(_health.NOT_SERVING) == "NOT_SERVING"
+
+
+def test_heavy_imports_wait_for_the_first_connection_and_happen_on_its_thread():
+    """``import chronicle_conn`` leaves backoff, structlog and protobuf alone; building a
+    Connection imports them, on the constructing thread, before any thread of its own."""
+    import subprocess
+    import sys
+
+    script = """
+import sys, threading
+import chronicle_conn as cc
+heavy = ("backoff", "structlog", "google.protobuf", "chronicle_conn._proto.clients_pb2")
+print(sorted(m for m in heavy if m in sys.modules))
+started = []
+original = threading.Thread.start
+def start(self):
+    started.append((self.name, sorted(m for m in heavy if m not in sys.modules)))
+    return original(self)
+threading.Thread.start = start
+conn = cc.Connection("chronicle://127.0.0.1:1?disableTls=true", auto_connect=True)
+conn.close()
+print(started[:1])
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    # (structlog, unconfigured, prints the connection's events too)
+    before, first_thread = [line for line in result.stdout.splitlines() if line.startswith("[")]
+    assert before == "[]"
+    assert "chronicle_conn-supervisor" in first_thread
+    assert first_thread.endswith(", [])]")  # nothing left to import when it started

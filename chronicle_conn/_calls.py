@@ -21,7 +21,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -89,7 +88,6 @@ class CallError(grpc.RpcError, grpc.Call, _Future, ChronicleConnError):
         self._done_callbacks: list[Callable[[_Future], None]] = []
         self._rpc_callbacks: list[Callable[[], None]] = []
         self._timer: Handle | None = None
-        self._traceback: TracebackType | None = None
         if code is None and deadline is not None:
             # Weakly: a pending call the application dropped is garbage, as gRPC's are.
             self._timer = timer.schedule(deadline, functools.partial(_expire, weakref.ref(self)))

@@ -13,7 +13,6 @@ supervisor hands it a way to start its thread (:meth:`Core.bind`).
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 import weakref
@@ -73,7 +72,6 @@ class Core:
         self.clock = clock
         self.label = label
         self.log = log
-        self.pid = os.getpid()
         # A plain Lock, not an RLock: abandon() must never get it re-entrantly from a
         # thread already inside a critical section.
         self._lock = threading.Lock()
@@ -376,7 +374,6 @@ class Core:
     def reset_after_fork(self) -> None:
         """In a forked child (only this thread exists): fresh lock and Condition, no
         thread, no generation (the inherited one is the caller's to park), IDLE."""
-        self.pid = os.getpid()
         self._lock = threading.Lock()
         self.cond = threading.Condition(self._lock)
         self.events.reset_after_fork(self.cond)

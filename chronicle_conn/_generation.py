@@ -37,7 +37,6 @@ class Generation:
     Args:
         number: 1 for the first generation of a connection, then 2, 3...
         channel: the underlying channel (owned: the supervisor closes it).
-        created: clock reading at creation (for ``max_channel_age``).
         monitor: the liveness monitor watching it (see ``_liveness``).
         on_drained: called (on whatever thread finished the last call) when a retired
             generation's last call in flight finishes.
@@ -54,7 +53,6 @@ class Generation:
         "_on_drained",
         "_on_suspect",
         "channel",
-        "created",
         "monitor",
         "number",
         "rotate_at",
@@ -64,7 +62,6 @@ class Generation:
         self,
         number: int,
         channel: grpc.Channel,
-        created: float,
         monitor: Any,
         *,
         on_drained: Callable[[], None],
@@ -72,7 +69,6 @@ class Generation:
     ) -> None:
         self.number = number
         self.channel = channel
-        self.created = created
         self.monitor = monitor
         #: When to replace it for ``max_channel_age`` (None: never). The supervisor's.
         self.rotate_at: float | None = None
@@ -135,10 +131,6 @@ class Generation:
         """Calls in flight right now (a snapshot)."""
         with self._lock:
             return self._in_flight
-
-    @property
-    def accepting(self) -> bool:
-        return self._accepting
 
     def retire(self) -> bool:
         """Take no new call from now on. Returns True if no call is in flight (the

@@ -266,7 +266,6 @@ class Supervisor:
         gen = Generation(
             number,
             channel,
-            now,
             monitor,
             on_drained=self._on_drained,
             on_suspect=self._on_suspect,

@@ -24,7 +24,6 @@ def make_generation():
     gen = Generation(
         1,
         None,  # type: ignore[arg-type]
-        0.0,
         None,
         on_drained=lambda: drained("drained"),
         on_suspect=lambda g, reason: suspects(reason),

@@ -266,32 +266,28 @@ class CallError(grpc.RpcError, grpc.Call, _Future, ChronicleConnError):
                 return self._code is not None
         return bool(real.done())
 
-    def result(self, timeout: float | None = None) -> Any:
+    def _settle(self, timeout: float | None) -> tuple[Any, float | None]:
+        """Wait as ``result()`` does: (the real call, what is left of ``timeout``), or
+        (None, _) when it finished unsent; ``FutureCancelledError`` if cancelled."""
         started = time.monotonic()
         real = self._wait(timeout)
+        if real is None and self.cancelled():
+            raise grpc.FutureCancelledError()
+        return real, _left(timeout, started)
+
+    def result(self, timeout: float | None = None) -> Any:
+        real, left = self._settle(timeout)
         if real is None:
-            if self.cancelled():
-                raise grpc.FutureCancelledError()
             raise self
-        return real.result(_left(timeout, started))
+        return real.result(left)
 
     def exception(self, timeout: float | None = None) -> Any:
-        started = time.monotonic()
-        real = self._wait(timeout)
-        if real is None:
-            if self.cancelled():
-                raise grpc.FutureCancelledError()
-            return self
-        return real.exception(_left(timeout, started))
+        real, left = self._settle(timeout)
+        return self if real is None else real.exception(left)
 
     def traceback(self, timeout: float | None = None) -> Any:
-        started = time.monotonic()
-        real = self._wait(timeout)
-        if real is None:
-            if self.cancelled():
-                raise grpc.FutureCancelledError()
-            return self.__traceback__
-        return real.traceback(_left(timeout, started))
+        real, left = self._settle(timeout)
+        return self.__traceback__ if real is None else real.traceback(left)
 
     def add_done_callback(self, fn: Callable[[_Future], None]) -> None:
         with self._cond:

@@ -147,21 +147,16 @@ class _MultiCallable:
             if gen is not None:
                 if not gen.enter():
                     continue  # retired under us: read the current one again
-                try:
-                    inner = self._inner(gen)
-                    method = inner if attribute is None else getattr(inner, attribute)
-                    return method(
-                        request, timeout, metadata, credentials, wait_for_ready, compression
-                    )
-                except grpc.RpcError as error:
-                    gen.failed(error)
-                    raise
-                except ValueError:
-                    if gen.closed:
-                        raise _cut_short(self._core, gen) from None
-                    raise
-                finally:
-                    gen.leave()
+                return self._invoke(
+                    gen,
+                    attribute,
+                    request,
+                    timeout,
+                    metadata,
+                    credentials,
+                    wait_for_ready,
+                    compression,
+                )
             failure = self._unconnected(wait_for_ready)
             if failure is not None:
                 raise failure
@@ -170,6 +165,32 @@ class _MultiCallable:
             _wait(core, deadline)
             if deadline is not None:
                 timeout = max(0.0, deadline - core.clock())
+
+    def _invoke(
+        self,
+        gen: Generation,
+        attribute: str | None,
+        request: Any,
+        timeout: float | None,
+        metadata: Any,
+        credentials: Any,
+        wait_for_ready: bool | None,
+        compression: Any,
+    ) -> Any:
+        """Make a blocking call on ``gen`` (entered), and leave it when the call is over."""
+        try:
+            inner = self._inner(gen)
+            method = inner if attribute is None else getattr(inner, attribute)
+            return method(request, timeout, metadata, credentials, wait_for_ready, compression)
+        except grpc.RpcError as error:
+            gen.failed(error)
+            raise
+        except ValueError:
+            if gen.closed:
+                raise _cut_short(self._core, gen) from None
+            raise
+        finally:
+            gen.leave()
 
     # ------------------------------------------------------------------ call objects
 
@@ -312,22 +333,11 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        # The hot path, inlined: connected, the inner callable usually cached.
-        gen = self._core.current
+        gen = self._core.current  # the hot path: connected
         if gen is not None and gen.enter():
-            try:
-                cache = self._cache
-                inner = cache[1] if cache[0] is gen else self._inner(gen)
-                return inner(request, timeout, metadata, credentials, wait_for_ready, compression)
-            except grpc.RpcError as error:
-                gen.failed(error)
-                raise
-            except ValueError:
-                if gen.closed:
-                    raise _cut_short(self._core, gen) from None
-                raise
-            finally:
-                gen.leave()
+            return self._invoke(
+                gen, None, request, timeout, metadata, credentials, wait_for_ready, compression
+            )
         return self._blocking(
             None, request, timeout, metadata, credentials, wait_for_ready, compression
         )

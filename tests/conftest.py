@@ -10,6 +10,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 # Imported now, not lazily by hypothesis' pytest plugin at the end of the run: CPython
 # 3.11.7 can fail with "AST constructor recursion depth mismatch" (gh-106905) when
@@ -17,7 +18,9 @@ from collections.abc import Callable, Iterator, Sequence
 import hypothesis  # noqa: F401
 import pytest
 
+import chronicle_conn as cc
 from tests.harness import AppServerProcess, EventRecorder, FaultProxy, KernelProcess
+from tests.helpers import ChannelLedger
 
 _KERNELS = pytest.StashKey[list[KernelProcess]]()
 
@@ -194,3 +197,31 @@ def app_server_factory(
 
     yield make
     _close_all([proc.close for proc in made])
+
+
+@pytest.fixture
+def make_conn() -> Iterator[Callable[..., cc.Connection]]:
+    """``make(*args, ledger=True, **kwargs)``: connections closed at teardown; they must
+    leave no thread behind and (with the ledger) must have closed every channel they
+    built. ``ledger=False`` keeps the library's own channel disposal (the ledger's
+    ``disconnect_fun`` replaces it, and with it the UNAVAILABLE close of a channel the
+    library gave up on)."""
+    made: list[tuple[cc.Connection, ChannelLedger | None]] = []
+
+    def make(*args: Any, ledger: bool = True, **kwargs: Any) -> cc.Connection:
+        book = ChannelLedger() if ledger else None
+        if book is not None:
+            kwargs.setdefault("connect_fun", book.connect)
+            kwargs.setdefault("disconnect_fun", book.disconnect)
+        conn = cc.Connection(*args, **kwargs)
+        made.append((conn, book))
+        return conn
+
+    yield make
+    for conn, _ in made:
+        conn.close()
+    for conn, book in made:
+        assert conn._threads() == [], f"threads left behind by {conn!r}: {conn._threads()}"
+        if book is not None:
+            assert book.open == {}, f"{conn!r} left {len(book.open)} of {book.built} open"
+            assert book.errors == []

@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 import chronicle_conn as cc
 from tests.harness.appserver import WorkStub, work_request, work_response
 from tests.harness.recorder import EventRecorder
+from tests.helpers import plaintext, wait_state
 
 S = cc.ConnectionState
 Code = grpc.StatusCode
@@ -35,10 +36,6 @@ FAST = {"reconnect_base_delay": 0.1, "reconnect_max_delay": 0.5, "keepalive_stal
 #: name -> (is a "call object" kind that must never raise at the call site, how to call)
 KINDS = ("uu", "uu.with_call", "uu.future", "us", "su", "su.with_call", "su.future", "ss")
 OBJECT_KINDS = {"uu.future", "us", "su.future", "ss"}
-
-
-def plaintext(address: str) -> str:
-    return f"chronicle://{address}?disableTls=true"
 
 
 def make_call(stub: WorkStub, kind: str, rid: str, **kwargs: Any) -> Any:
@@ -143,20 +140,6 @@ def conns() -> Iterator[Callable[..., cc.Connection]]:
         conn.close()
     for conn in made:
         assert conn._threads() == []
-
-
-def wait_state(conn: cc.Connection, state: cc.ConnectionState, timeout: float = 15) -> None:
-    core = conn._core
-    with core.cond:
-        assert core.cond.wait_for(lambda: core.state is state, timeout), conn.stats()
-
-
-def wait_for_generation(conn: cc.Connection, number: int, timeout: float = 15) -> None:
-    core = conn._core
-    with core.cond:
-        assert core.cond.wait_for(
-            lambda: core.counters.generation >= number and core.current is not None, timeout
-        ), conn.stats()
 
 
 # ---------------------------------------------------------------------------- the matrix

@@ -9,7 +9,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
@@ -23,6 +23,15 @@ from chronicle_conn.devserver import DevServer
 from chronicle_conn.states import ALLOWED_TRANSITIONS
 from tests.harness.ports import free_port
 from tests.harness.recorder import EventRecorder
+from tests.helpers import (
+    ChannelLedger,
+    became,
+    check_history,
+    connect,
+    plaintext,
+    version,
+    wait_for_generation,
+)
 
 S = cc.ConnectionState
 
@@ -34,99 +43,11 @@ FAST = {
 }
 
 
-def plaintext(address: str) -> str:
-    return f"chronicle://{address}?disableTls=true"
-
-
-def became(state: cc.ConnectionState) -> Callable[[cc.StateChange], bool]:
-    return lambda change: change.new is state
-
-
-class ChannelLedger:
-    """``connect_fun``/``disconnect_fun`` that count: every channel built must be closed."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.open: dict[int, str] = {}
-        self.built = 0
-        # Kept, not raised: disconnect_fun runs on the supervisor, which logs and goes on.
-        self.errors: list[str] = []
-
-    def connect(self, target: str, options: object) -> grpc.Channel:
-        channel = grpc.insecure_channel(target, options=options)  # type: ignore[arg-type]
-        with self.lock:
-            self.built += 1
-            self.open[id(channel)] = target
-        return channel
-
-    def disconnect(self, channel: grpc.Channel) -> None:
-        with self.lock:
-            if self.open.pop(id(channel), None) is None:
-                self.errors.append(f"closed twice or unknown: {channel!r}")
-        channel.close()
-
-
-@pytest.fixture
-def make_conn() -> Iterator[Callable[..., cc.Connection]]:
-    """Connections made here are closed at teardown; they must leave no thread behind and
-    must have closed every channel they built."""
-    made: list[tuple[cc.Connection, ChannelLedger]] = []
-
-    def make(*args: object, **kwargs: object) -> cc.Connection:
-        ledger = ChannelLedger()
-        kwargs.setdefault("connect_fun", ledger.connect)
-        kwargs.setdefault("disconnect_fun", ledger.disconnect)
-        conn = cc.Connection(*args, **kwargs)  # type: ignore[arg-type]
-        made.append((conn, ledger))
-        return conn
-
-    yield make
-    for conn, _ in made:
-        conn.close()
-    for conn, ledger in made:
-        assert conn._threads() == [], f"threads left behind by {conn!r}: {conn._threads()}"
-        assert ledger.open == {}, f"{conn!r} left {len(ledger.open)} of {ledger.built} open"
-        assert ledger.errors == []
-
-
 @pytest.fixture
 def devserver() -> Iterator[DevServer]:
     server = DevServer(keepalive_interval=0.2).start()
     yield server
     server.stop(0)
-
-
-def version(channel: grpc.Channel, **kwargs: object) -> str:
-    stub = host_pb2_grpc.ServerStub(channel)
-    return stub.GetVersionInfo(empty_pb2.Empty(), timeout=5, **kwargs).Version  # type: ignore[arg-type]
-
-
-def connect(conn: cc.Connection, recorder: EventRecorder, timeout: float = 10) -> int:
-    """Connect, wait until the listener has heard of it, and return a mark for ``since=``.
-
-    Listeners are called on the supervisor thread, so ``connect()`` can return a moment
-    before they hear of CONNECTED."""
-    conn.connect(timeout=timeout)
-    assert recorder.wait_for(lambda events: bool(events) and events[-1].new is S.CONNECTED, 5)
-    return len(recorder)
-
-
-def wait_for_generation(conn: cc.Connection, number: int, timeout: float = 10) -> None:
-    """Wait (on the connection's Condition) until its generation is at least ``number``."""
-    core = conn._core
-    with core.cond:
-        assert core.cond.wait_for(
-            lambda: core.counters.generation >= number and core.current is not None, timeout
-        ), conn.stats()
-
-
-def check_history(recorder: EventRecorder) -> None:
-    """Every recorded change is in the transition table and continues the previous one."""
-    changes = recorder.events
-    for change in changes:
-        assert change.new in ALLOWED_TRANSITIONS[change.old], change
-    for before, after in itertools.pairwise(changes):
-        assert after.old is before.new, (before, after)
 
 
 # ---------------------------------------------------------------------------- basics

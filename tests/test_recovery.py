@@ -15,11 +15,10 @@ listeners, ``EventRecorder`` and the connection's Condition; every loop is bound
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent import futures
 from typing import Any
 
@@ -30,10 +29,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # type: ignore[i
 
 import chronicle_conn as cc
 from chronicle_conn._proto import host_pb2_grpc
-from chronicle_conn.states import ALLOWED_TRANSITIONS
 from tests.harness.appserver import WorkStub, work_request, work_response
 from tests.harness.etcd import STATUS, status_version
 from tests.harness.recorder import EventRecorder
+from tests.helpers import became, check_history, connect, plaintext, version
 
 S = cc.ConnectionState
 Code = grpc.StatusCode
@@ -51,30 +50,6 @@ FAST = {
 # ---------------------------------------------------------------------------- helpers
 
 
-def plaintext(address: str) -> str:
-    return f"chronicle://{address}?disableTls=true"
-
-
-def became(state: cc.ConnectionState) -> Callable[[cc.StateChange], bool]:
-    return lambda change: change.new is state
-
-
-def connect(conn: cc.Connection, recorder: EventRecorder, timeout: float = 10) -> int:
-    """Connect, wait until the listener has heard of it, and return a mark for ``since=``."""
-    conn.connect(timeout=timeout)
-    assert recorder.wait_for(lambda events: bool(events) and events[-1].new is S.CONNECTED, 5)
-    return len(recorder)
-
-
-def check_history(recorder: EventRecorder) -> None:
-    """Every recorded change is in the transition table and continues the previous one."""
-    changes = recorder.events
-    for change in changes:
-        assert change.new in ALLOWED_TRANSITIONS[change.old], change
-    for before, after in itertools.pairwise(changes):
-        assert after.old is before.new, (before, after)
-
-
 def wait_until(conn: cc.Connection, predicate: Callable[[], bool], timeout: float) -> bool:
     """Wait on the connection's Condition (notified on every change of its state) until
     ``predicate()`` holds, re-checking at least every 50 ms for what is not notified.
@@ -89,11 +64,6 @@ def wait_until(conn: cc.Connection, predicate: Callable[[], bool], timeout: floa
             if remaining <= 0:
                 break
     return False
-
-
-def version(channel: grpc.Channel, **kwargs: Any) -> str:
-    stub = host_pb2_grpc.ServerStub(channel)
-    return stub.GetVersionInfo(empty_pb2.Empty(), timeout=5, **kwargs).Version
 
 
 def wait_closed(channel: grpc.Channel, timeout: float) -> bool:
@@ -113,57 +83,6 @@ def wait_closed(channel: grpc.Channel, timeout: float) -> bool:
             break
         pause.wait(0.05)
     return False
-
-
-class ChannelLedger:
-    """``connect_fun``/``disconnect_fun`` that count: every channel built must be closed."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.open: dict[int, str] = {}
-        self.built = 0
-        self.errors: list[str] = []
-
-    def connect(self, target: str, options: Any) -> grpc.Channel:
-        channel = grpc.insecure_channel(target, options=options)
-        with self.lock:
-            self.built += 1
-            self.open[id(channel)] = target
-        return channel
-
-    def disconnect(self, channel: grpc.Channel) -> None:
-        with self.lock:
-            if self.open.pop(id(channel), None) is None:
-                self.errors.append(f"closed twice or unknown: {channel!r}")
-        channel.close()
-
-
-@pytest.fixture
-def make_conn() -> Iterator[Callable[..., cc.Connection]]:
-    """``make(*args, ledger=True, **kwargs)``: connections closed at teardown; they must
-    leave no thread behind and (with the ledger) must have closed every channel they
-    built. ``ledger=False`` keeps the library's own channel disposal (the ledger's
-    ``disconnect_fun`` replaces it, and with it the UNAVAILABLE close of a channel the
-    library gave up on)."""
-    made: list[tuple[cc.Connection, ChannelLedger | None]] = []
-
-    def make(*args: Any, ledger: bool = True, **kwargs: Any) -> cc.Connection:
-        book = ChannelLedger() if ledger else None
-        if book is not None:
-            kwargs.setdefault("connect_fun", book.connect)
-            kwargs.setdefault("disconnect_fun", book.disconnect)
-        conn = cc.Connection(*args, **kwargs)
-        made.append((conn, book))
-        return conn
-
-    yield make
-    for conn, _ in made:
-        conn.close()
-    for conn, book in made:
-        assert conn._threads() == [], f"threads left behind by {conn!r}: {conn._threads()}"
-        if book is not None:
-            assert book.open == {}, f"{conn!r} left {len(book.open)} of {book.built} open"
-            assert book.errors == []
 
 
 class Caller:

@@ -1,0 +1,92 @@
+"""Small helpers shared by the connection tests (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf import empty_pb2
+
+import chronicle_conn as cc
+from chronicle_conn._proto import host_pb2_grpc
+from chronicle_conn.states import ALLOWED_TRANSITIONS
+from tests.harness.recorder import EventRecorder
+
+S = cc.ConnectionState
+
+
+def plaintext(address: str) -> str:
+    """A connection string for a plaintext server at ``address``."""
+    return f"chronicle://{address}?disableTls=true"
+
+
+def became(state: cc.ConnectionState) -> Callable[[cc.StateChange], bool]:
+    return lambda change: change.new is state
+
+
+def version(channel: grpc.Channel, **kwargs: Any) -> str:
+    """The kernel's version, through ``channel`` (5 s deadline)."""
+    stub = host_pb2_grpc.ServerStub(channel)
+    return str(stub.GetVersionInfo(empty_pb2.Empty(), timeout=5, **kwargs).Version)
+
+
+def connect(conn: cc.Connection, recorder: EventRecorder, timeout: float = 10) -> int:
+    """Connect, wait until the listener has heard of it, and return a mark for ``since=``.
+
+    Listeners are called on the supervisor thread, so ``connect()`` can return a moment
+    before they hear of CONNECTED."""
+    conn.connect(timeout=timeout)
+    assert recorder.wait_for(lambda events: bool(events) and events[-1].new is S.CONNECTED, 5)
+    return len(recorder)
+
+
+def check_history(recorder: EventRecorder) -> None:
+    """Every recorded change is in the transition table and continues the previous one."""
+    changes = recorder.events
+    for change in changes:
+        assert change.new in ALLOWED_TRANSITIONS[change.old], change
+    for before, after in itertools.pairwise(changes):
+        assert after.old is before.new, (before, after)
+
+
+def wait_state(conn: cc.Connection, state: cc.ConnectionState, timeout: float = 15) -> None:
+    """Wait on the connection's Condition until it is in ``state``."""
+    core = conn._core
+    with core.cond:
+        assert core.cond.wait_for(lambda: core.state is state, timeout), conn.stats()
+
+
+def wait_for_generation(conn: cc.Connection, number: int, timeout: float = 15) -> None:
+    """Wait on the connection's Condition until its generation is at least ``number``."""
+    core = conn._core
+    with core.cond:
+        assert core.cond.wait_for(
+            lambda: core.counters.generation >= number and core.current is not None, timeout
+        ), conn.stats()
+
+
+class ChannelLedger:
+    """``connect_fun``/``disconnect_fun`` that count: every channel built must be closed."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open: dict[int, str] = {}
+        self.built = 0
+        # Kept, not raised: disconnect_fun runs on the supervisor, which logs and goes on.
+        self.errors: list[str] = []
+
+    def connect(self, target: str, options: Any) -> grpc.Channel:
+        channel = grpc.insecure_channel(target, options=options)
+        with self.lock:
+            self.built += 1
+            self.open[id(channel)] = target
+        return channel
+
+    def disconnect(self, channel: grpc.Channel) -> None:
+        with self.lock:
+            if self.open.pop(id(channel), None) is None:
+                self.errors.append(f"closed twice or unknown: {channel!r}")
+        channel.close()

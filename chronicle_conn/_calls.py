@@ -128,12 +128,7 @@ class CallError(grpc.RpcError, grpc.Call, _Future, ChronicleConnError):
             self._real = real
             self._sending = False
             cancel = self._cancel_requested
-            done_callbacks, self._done_callbacks = self._done_callbacks, []
-            rpc_callbacks, self._rpc_callbacks = self._rpc_callbacks, []
-            handle, self._timer = self._timer, None
-            self._cond.notify_all()
-        if handle is not None:
-            handle.cancel()
+            done_callbacks, rpc_callbacks = self._settled()
         for callback in done_callbacks:
             real.add_done_callback(_Forward(self, callback))
         for rpc_callback in rpc_callbacks:
@@ -158,17 +153,23 @@ class CallError(grpc.RpcError, grpc.Call, _Future, ChronicleConnError):
             self._details = details
             self._issue = None
             self.args = (details,)
-            done_callbacks, self._done_callbacks = self._done_callbacks, []
-            rpc_callbacks, self._rpc_callbacks = self._rpc_callbacks, []
-            handle, self._timer = self._timer, None
-            self._cond.notify_all()
-        if handle is not None:
-            handle.cancel()
+            done_callbacks, rpc_callbacks = self._settled()
         for rpc_callback in rpc_callbacks:
             _run(rpc_callback)
         for callback in done_callbacks:
             _run(callback, self)
         return True
+
+    def _settled(self) -> tuple[list[Callable[[_Future], None]], list[Callable[[], None]]]:
+        """It was just sent or finished (lock held): wake the waiters, drop the deadline,
+        and hand over the callbacks added so far (done-callbacks, RPC callbacks)."""
+        handle, self._timer = self._timer, None
+        if handle is not None:
+            handle.cancel()  # lock-free: plain attribute writes
+        done_callbacks, self._done_callbacks = self._done_callbacks, []
+        rpc_callbacks, self._rpc_callbacks = self._rpc_callbacks, []
+        self._cond.notify_all()
+        return done_callbacks, rpc_callbacks
 
     def _wait(self, timeout: float | None) -> Any:
         """Block until sent (return the real call) or finished (return None).

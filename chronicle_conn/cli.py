@@ -108,6 +108,13 @@ def _add_dev_server(subparsers: _SubParsers) -> None:
         metavar="SECONDS",
         help="seconds between keep-alives on each Connect stream (default 1.0)",
     )
+    parser.add_argument(
+        "--max-workers",
+        type=int,
+        default=64,
+        metavar="N",
+        help="server threads; every open stream (each client's Connect) holds one (default 64)",
+    )
     parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain")
     parser.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     parser.add_argument(
@@ -139,6 +146,7 @@ def _run_dev_server(args: argparse.Namespace) -> int:
             args.port,
             keepalive_interval=args.keepalive_interval,
             tls=tls,
+            max_workers=args.max_workers,
             logger=_stderr_logger(logging.INFO),
         )
     except (OSError, ValueError) as exc:

@@ -3,6 +3,7 @@ over real gRPC on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -757,3 +758,22 @@ def test_cli_main_in_process(capsys) -> None:
     with pytest.raises(SystemExit) as caught:
         cli.main([])
     assert caught.value.code == 2
+
+
+def test_cli_dev_server_max_workers_bounds_the_open_streams(cli_process, open_stream) -> None:
+    """Every Connect stream holds a server thread: --max-workers sets how many clients
+    the kernel serves at once (the default 64 is too few for 100 connections)."""
+    kernel = cli_process("dev-server", "--port", "0", "--max-workers", "6")
+    address = kernel.listening_address()
+    with grpc.insecure_channel(address, options=LOCAL_POOL) as ch:
+        stub = clients_pb2_grpc.ConnectionServiceStub(ch)
+        streams = [open_stream(stub.Connect(connect_request())) for _ in range(8)]
+        served = 0
+        for stream in streams:
+            with contextlib.suppress(queue.Empty):
+                stream.next(timeout=2)
+                served += 1
+        assert served == 6  # the other two wait for a thread
+    bad = cli_process("dev-server", "--port", "0", "--max-workers", "0")
+    assert bad.proc.wait(timeout=10) == 2
+    assert "max_workers" in bad.stderr()

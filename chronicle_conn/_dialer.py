@@ -134,7 +134,10 @@ class Dialer:
 
     def _timed_out(self, readiness: bool) -> str:
         if readiness:
-            return f"not ready within {self._attempt_timeout:g}s (host unreachable?)"
+            return (
+                f"no answer within {self._attempt_timeout:g}s "
+                "(host unreachable, or the server too busy to answer)"
+            )
         return f"no answer within {self._attempt_timeout:g}s"
 
     def _await(self, future: Any, deadline: float) -> bool:

@@ -1,6 +1,6 @@
 """Entry points of the benchmark's child processes (``python -m tests.benchmarks._children``).
 
-``kernel``: the dev kernel with a larger worker pool (see ``WideKernel``).
+``kernel``: the dev kernel, also writing when it started serving (see ``BenchKernel``).
 ``idle``: 100 connected idle connections (or raw channels) in a fresh process; prints
 threads, RSS and CPU as one JSON line.
 ``churn``: crash/restart cycles against a kernel of its own; prints RSS samples as JSON.
@@ -24,12 +24,7 @@ def _kernel(argv: list[str]) -> int:
 
     from chronicle_conn import cli, devserver
 
-    # The CLI builds DevServer with its default pool; change that default in this process.
     server = devserver.DevServer
-    defaults = server.__init__.__kwdefaults__
-    if defaults is None or "max_workers" not in defaults:
-        raise SystemExit("DevServer no longer takes max_workers")
-    defaults["max_workers"] = args.max_workers
     start = server.start
 
     def start_and_stamp(self: devserver.DevServer) -> devserver.DevServer:
@@ -39,7 +34,7 @@ def _kernel(argv: list[str]) -> int:
         return started
 
     server.start = start_and_stamp  # type: ignore[method-assign]
-    return cli.main(["dev-server", *rest])
+    return cli.main(["dev-server", "--max-workers", str(args.max_workers), *rest])
 
 
 def _quiet() -> None:

@@ -142,8 +142,8 @@ def cpu_seconds() -> float:
 class BenchKernel(KernelProcess):
     """The dev kernel (``python -m chronicle_conn dev-server``), run through
     ``_children kernel``: the same server and control protocol, but it also writes the
-    ``time.monotonic()`` at which it started serving to its stderr, and its worker pool
-    can be set (the CLI cannot)."""
+    ``time.monotonic()`` at which it started serving to its stderr; ``workers`` is its
+    ``--max-workers``."""
 
     workers = 64  # the dev server's own default
 

@@ -211,8 +211,13 @@ class CallError(grpc.RpcError, grpc.Call, _Future, ChronicleConnError):
             self._user_cancelled = self._code is None
         if self.finish(_StatusCode.CANCELLED, "Locally cancelled by application!"):
             return True
-        with self._cond:  # being sent right now: cancelled as soon as it is
-            return self._cancel_requested
+        # Lost a race with send(): being sent right now (it cancels the call once it
+        # is), or sent in the meantime (cancel the real call).
+        with self._cond:
+            real = self._real
+            if real is None:
+                return self._cancel_requested
+        return bool(real.cancel())
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
         with self._cond:
@@ -343,7 +348,9 @@ class _Forward:
         self._fn = fn
 
     def __call__(self, _real: object) -> None:
-        self._fn(self._call)
+        # grpc runs a done-callback added to a finished call at once, on the adding
+        # thread (the supervisor's, when it sends a queued call): never let it raise there.
+        _run(self._fn, self._call)
 
 
 def _expire(ref: weakref.ReferenceType[CallError]) -> None:

@@ -52,6 +52,7 @@ class Generation:
         "_lock",
         "_on_drained",
         "_on_suspect",
+        "_waiting",
         "channel",
         "monitor",
         "number",
@@ -77,13 +78,15 @@ class Generation:
         self._lock = threading.Lock()
         # Guarded by _lock:
         self._in_flight = 0
+        self._waiting = 0  # of which wait_for_ready calls
         self._accepting = True  # False once retired: new calls go elsewhere
         self._closed = False  # the channel is closed (or about to be)
 
     # ------------------------------------------------------------------ calls
 
-    def enter(self) -> bool:
-        """A call is about to be issued on this generation's channel.
+    def enter(self, waiting: bool = False) -> bool:
+        """A call is about to be issued on this generation's channel (``waiting``: a
+        ``wait_for_ready`` call, which waits in the channel if the server is away).
 
         Returns False when the generation is retired: the caller must read the
         connection's current generation again. On True the channel stays open until the
@@ -93,19 +96,21 @@ class Generation:
             if not self._accepting:
                 return False
             self._in_flight += 1
+            self._waiting += waiting
             return True
 
-    def leave(self) -> None:
-        """The call that entered has finished (or failed to start)."""
+    def leave(self, waiting: bool = False) -> None:
+        """The call that entered (with the same ``waiting``) has finished."""
         with self._lock:
             self._in_flight -= 1
+            self._waiting -= waiting
             drained = not self._accepting and self._in_flight == 0
         if drained:
             self._on_drained()
 
-    def finished(self, call: Any) -> None:
+    def finished(self, call: Any, waiting: bool = False) -> None:
         """``add_done_callback`` target for a future issued on this generation."""
-        self.leave()
+        self.leave(waiting)
         try:
             code = call.code()
         except Exception:  # a cancelled or odd future: nothing to learn from it
@@ -131,6 +136,12 @@ class Generation:
         """Calls in flight right now (a snapshot)."""
         with self._lock:
             return self._in_flight
+
+    @property
+    def waiting(self) -> int:
+        """``wait_for_ready`` calls in flight right now (a snapshot)."""
+        with self._lock:
+            return self._waiting
 
     def retire(self) -> bool:
         """Take no new call from now on. Returns True if no call is in flight (the

@@ -80,8 +80,12 @@ def __getattr__(name: str) -> Any:
 
 
 def status_name(status: int) -> str:
-    """``SERVING``, ``NOT_SERVING``... for a status value."""
-    return str(load().HealthCheckResponse.ServingStatus.Name(status))
+    """``SERVING``, ``NOT_SERVING``... for a status value (its number if unknown: proto3
+    enums are open, a server may send a value this client does not know)."""
+    try:
+        return str(load().HealthCheckResponse.ServingStatus.Name(status))
+    except ValueError:
+        return f"status {status}"
 
 
 def check_callable(
@@ -245,8 +249,8 @@ class HealthServicer:
                     del self._watchers[service]
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
-        messages = load()
         """A handler serving ``grpc.health.v1.Health`` for ``server.add_generic_rpc_handlers``."""
+        messages = load()
         return grpc.method_handlers_generic_handler(
             SERVICE_NAME,
             {

@@ -130,6 +130,7 @@ class Supervisor:
             park(retiree.gen)
         self._drained = False
         self._call_suspect = None
+        self._crashes = 0
 
     # ------------------------------------------------------------------ the thread
 
@@ -149,10 +150,10 @@ class Supervisor:
         turn into a busy loop."""
         core = self.core
         policy = core.config.policy
-        pause = min(self._crashes * policy.base_delay, policy.max_delay)
-        if pause > 0:
-            with core.cond:
-                core.cond.wait_for(self._stopping, pause)
+        until = core.clock() + min(self._crashes * policy.base_delay, policy.max_delay)
+        with core.cond:
+            while not self._stopping() and core.clock() < until:
+                core.cond.wait(self._timeout(until))
 
     def _stopping(self) -> bool:
         core = self.core
@@ -206,8 +207,8 @@ class Supervisor:
                     )
                 core.thread = None
                 core.prune_deferred()
-                if core.deferred:
-                    core.ensure_thread()
+                if core.deferred or self._stranded():
+                    core.ensure_thread()  # calls wait in the background for a channel
                 core.cond.notify_all()
         if stopping:
             if gen is not None:
@@ -215,6 +216,8 @@ class Supervisor:
             self._close_all()
         elif gen is not None:
             self._retire(gen, "chronicle_conn: the supervisor thread stopped unexpectedly")
+            if core.closing:  # close() may have run its _close_all before that
+                self._close_all()
         core.deliver()
 
     # ------------------------------------------------------------------ waiting
@@ -234,9 +237,9 @@ class Supervisor:
         return min(caps, default=math.inf)
 
     def _stranded(self) -> bool:
-        """Whether calls are in flight on a lost generation (``wait_for_ready`` calls
-        caught there wait for the server too): demand. Lock held."""
-        return any(r.lost and r.gen.in_flight for r in self._retired)
+        """Whether ``wait_for_ready`` calls are in flight on a lost generation (caught
+        there, they wait for the server too): demand. Lock held."""
+        return any(r.lost and r.gen.waiting for r in self._retired)
 
     def _on_drained(self) -> None:
         """A retired generation's last call finished (any thread)."""
@@ -341,6 +344,7 @@ class Supervisor:
                 core.counters.connects += 1
                 core.current_delay = None
                 core.armed = True
+                self._crashes = 0
                 core.transition(_S.CONNECTED, attempt=attempt)
                 deferred = core.take_deferred()
         if not installed:
@@ -355,11 +359,17 @@ class Supervisor:
         for call in calls:
             if not call.pending:
                 continue
-            if not gen.enter():  # cannot happen: only this thread retires generations
+            if not gen.enter(True):  # cannot happen: only this thread retires generations
                 self.core.defer(call)
                 continue
-            if not call.send(gen):
-                gen.leave()
+            try:
+                sent = call.send(gen)
+            except BaseException as exc:  # one call's trouble must not strand the others
+                swallow(exc)
+                self.core.log.exception("send_failed")
+                sent = False
+            if not sent:
+                gen.leave(True)
 
     def _exhausted(self, attempts: int, error: AttemptFailed) -> None:
         core = self.core

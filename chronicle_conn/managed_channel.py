@@ -145,7 +145,7 @@ class _MultiCallable:
         while True:
             gen = core.current
             if gen is not None:
-                if not gen.enter():
+                if not gen.enter(bool(wait_for_ready)):
                     continue  # retired under us: read the current one again
                 return self._invoke(
                     gen,
@@ -190,7 +190,7 @@ class _MultiCallable:
                 raise _cut_short(self._core, gen) from None
             raise
         finally:
-            gen.leave()
+            gen.leave(bool(wait_for_ready))
 
     # ------------------------------------------------------------------ call objects
 
@@ -210,7 +210,7 @@ class _MultiCallable:
         while True:
             gen = core.current
             if gen is not None:
-                if not gen.enter():
+                if not gen.enter(bool(wait_for_ready)):
                     continue
                 try:
                     return self._issue(
@@ -224,7 +224,7 @@ class _MultiCallable:
                         compression,
                     )
                 except BaseException:
-                    gen.leave()
+                    gen.leave(bool(wait_for_ready))
                     raise
             failure = self._unconnected(wait_for_ready)
             if failure is not None:
@@ -249,9 +249,9 @@ class _MultiCallable:
                     return pending
                 if gen is None:
                     return pending  # sent by the supervisor when a generation is up
-                if gen.enter():  # connected in the meantime
+                if gen.enter(True):  # connected in the meantime
                     if not pending.send(gen):
-                        gen.leave()
+                        gen.leave(True)
                     return pending
 
     def _send_pending(
@@ -288,17 +288,20 @@ class _MultiCallable:
                 call = inner.future(
                     request, timeout, metadata, credentials, wait_for_ready, compression
                 )
-                call.add_done_callback(gen.finished)
+                call.add_done_callback(
+                    functools.partial(gen.finished, waiting=bool(wait_for_ready))
+                )
                 return call
             call = inner(request, timeout, metadata, credentials, wait_for_ready, compression)
         except ValueError:
             if gen.closed:
                 return _cut_short(self._core, gen)
             raise
-        if isinstance(call, grpc.Future):
-            call.add_done_callback(gen.finished)  # also tells of UNAVAILABLE
-        elif not call.add_callback(gen.leave):
-            gen.leave()
+        waiting = bool(wait_for_ready)
+        if isinstance(call, grpc.Future):  # also tells of UNAVAILABLE
+            call.add_done_callback(functools.partial(gen.finished, waiting=waiting))
+        elif not call.add_callback(functools.partial(gen.leave, waiting)):
+            gen.leave(waiting)
         return call
 
 
@@ -334,7 +337,7 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
         compression: Any = None,
     ) -> Any:
         gen = self._core.current  # the hot path: connected
-        if gen is not None and gen.enter():
+        if gen is not None and gen.enter(bool(wait_for_ready)):
             return self._invoke(
                 gen, None, request, timeout, metadata, credentials, wait_for_ready, compression
             )

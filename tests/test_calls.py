@@ -437,3 +437,75 @@ def test_auto_falls_back_when_health_has_no_status_for_the_whole_server(conns):
             explicit.connect(timeout=15)
     finally:
         server.stop(0)
+
+
+class WaitingInterceptor(grpc.UnaryUnaryClientInterceptor):
+    """Waits for each call's outcome before returning it, as logging and retry
+    interceptors do: a queued call's future is then already done when it is sent."""
+
+    def intercept_unary_unary(self, continuation, details, request):
+        outcome = continuation(details, request)
+        outcome.exception()
+        return outcome
+
+
+def test_a_raising_done_callback_on_a_queued_call_breaks_nothing(app_server_factory, conns):
+    server = app_server_factory("plain")
+    server.kill()
+
+    def connect_fun(target, options):
+        return grpc.intercept_channel(
+            grpc.insecure_channel(target, options=options), WaitingInterceptor()
+        )
+
+    conn = conns(plaintext(server.address), connect_fun=connect_fun, retry_attempts=None, **FAST)
+    managed = WorkStub(conn.managed_channel)
+    ran_on: list[str] = []
+
+    def raising(_future: Any) -> None:
+        ran_on.append(threading.current_thread().name)
+        raise RuntimeError("the application's callback fails")
+
+    first = managed.unary.future(work_request("first"), timeout=20, wait_for_ready=True)
+    first.add_done_callback(raising)
+    rest = [
+        managed.unary.future(work_request(f"then-{i}"), timeout=20, wait_for_ready=True)
+        for i in range(3)
+    ]
+    server.restart()
+    assert first.exception(timeout=20) is None
+    assert [call.exception(timeout=20) for call in rest] == [None, None, None]
+    assert ran_on  # it did run, and what it raised went nowhere
+    assert conn.stats().disconnects == 0  # the fresh channel was not thrown away
+
+
+def test_a_pending_call_cancelled_while_being_sent_is_cancelled():
+    """cancel() in the moment send() issues the call: the real call is cancelled."""
+    from chronicle_conn._calls import CallError
+    from chronicle_conn._generation import Generation
+
+    class Real:
+        cancelled_ = False
+
+        def cancel(self) -> bool:
+            self.cancelled_ = True
+            return True
+
+        def add_done_callback(self, fn: Any) -> None:
+            return None
+
+    real = Real()
+    answers: list[bool] = []
+
+    def issue(gen: Any, timeout: Any) -> Real:
+        canceller = threading.Thread(target=lambda: answers.append(pending.cancel()))
+        canceller.start()
+        canceller.join(10)
+        return real
+
+    pending = CallError(issue=issue, deadline=None)
+    gen = Generation(1, None, None, on_drained=lambda: None, on_suspect=lambda g, r: None)  # type: ignore[arg-type]
+    assert gen.enter(True)
+    assert pending.send(gen)
+    assert answers == [True]
+    assert real.cancelled_

@@ -926,3 +926,31 @@ def test_reconnect_drain_timeout_ends_a_long_call_with_unavailable(
     assert conn.state is S.CONNECTED
     assert recorder.events[mark:] == []
     assert work_response(stub.unary(work_request("after"), timeout=5))["id"] == "after"
+
+
+@pytest.mark.timing
+def test_a_fail_fast_stream_left_on_a_lost_channel_is_not_demand(make_conn, app_server_factory):
+    """Health says NOT_SERVING (the server is alive), and a long fail-fast stream still
+    runs on the lost channel: attempts follow the exponential schedule, the server is not
+    hammered (only wait_for_ready calls caught on a lost channel are demand)."""
+    server = app_server_factory("grpc-health")
+    conn = make_conn(
+        plaintext(server.address),
+        liveness="health",
+        retry_attempts=None,
+        reconnect_base_delay=1.0,
+        reconnect_max_delay=8.0,
+        ledger=False,
+    )
+    conn.connect(timeout=15)
+    stream = WorkStub(conn.managed_channel).server_stream(
+        work_request("long", sleep=0.1, count=100), timeout=30
+    )
+    assert next(stream)
+    server.set_serving(False)
+    assert wait_until(conn, lambda: conn.state is S.RECONNECTING, 10), conn.stats()
+    before = conn.stats().attempts
+    threading.Event().wait(3.0)
+    assert conn.stats().attempts - before <= 4, conn.stats()
+    assert stream.is_active()  # still running on the lost channel
+    stream.cancel()

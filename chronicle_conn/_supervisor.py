@@ -152,8 +152,8 @@ class Supervisor:
         policy = core.config.policy
         until = core.clock() + min(self._crashes * policy.base_delay, policy.max_delay)
         with core.cond:
-            while not self._stopping() and core.clock() < until:
-                core.cond.wait(self._timeout(until))
+            while not self._stopping() and (now := core.clock()) < until:
+                core.cond.wait(min(until - now, _HEARTBEAT))
 
     def _stopping(self) -> bool:
         core = self.core

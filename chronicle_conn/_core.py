@@ -192,7 +192,8 @@ class Core:
             self.demand_until = now + DEMAND_WINDOW
             if self.state in (_S.IDLE, _S.FAILED):
                 self.arm()
-            elif not fresh:
+                return
+            if not fresh:
                 self.cond.notify_all()  # demand begins: shorten the supervisor's sleep
             self.ensure_thread()
 

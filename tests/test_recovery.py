@@ -344,6 +344,22 @@ def test_what_a_listener_or_log_sink_raises_does_not_end_supervision(
         assert raised.wait_for_count(4, 5)  # it was called for every change, and raised
 
 
+def die_once(monkeypatch: Any, supervisor: Any, method: str) -> list[object]:
+    """Make the supervisor thread die (a BaseException) the next time it runs
+    ``method``; later calls run it as usual. Returns the record of the death."""
+    original = getattr(supervisor, method)
+    crashes: list[object] = []
+
+    def crash_once(*args: Any) -> Any:
+        if not crashes:
+            crashes.append(args)
+            raise BaseException("simulated death of the supervisor thread")
+        return original(*args)
+
+    monkeypatch.setattr(supervisor, method, crash_once)
+    return crashes
+
+
 @pytest.mark.parametrize(
     "next_use", ["connect", "wait_for_ready", "wait_for_ready_future", "fail_fast", "channel"]
 )
@@ -355,17 +371,7 @@ def test_a_dead_supervisor_is_restarted_by_the_next_use(
     mark = connect(conn, recorder)
     stub = host_pb2_grpc.ServerStub(conn.managed_channel)
     assert stub.GetVersionInfo(empty_pb2.Empty(), timeout=5).Version
-    supervisor = conn._supervisor
-    serve = supervisor._serve
-    crashes: list[object] = []
-
-    def crash_once(gen: Any) -> Any:
-        if not crashes:
-            crashes.append(gen)
-            raise BaseException("simulated death of the supervisor thread")
-        return serve(gen)
-
-    monkeypatch.setattr(supervisor, "_serve", crash_once)
+    crashes = die_once(monkeypatch, conn._supervisor, "_serve")
     first_thread = conn._core.thread
     assert first_thread is not None
     generation = conn.stats().generation
@@ -455,19 +461,9 @@ def test_a_dead_supervisor_is_restarted_for_callers_already_waiting(
         call = stub.GetVersionInfo.future(empty_pb2.Empty(), timeout=10, wait_for_ready=True)
         assert wait_until(conn, lambda: len(core.deferred) == 1, 5)
 
-    supervisor = conn._supervisor
-    backoff = supervisor._backoff
-    crashes: list[object] = []
-
-    def crash_once(schedule: Any) -> Any:
-        if not crashes:
-            crashes.append(schedule)
-            raise BaseException("simulated death of the supervisor thread")
-        return backoff(schedule)
-
     first_thread = core.thread
     assert first_thread is not None
-    monkeypatch.setattr(supervisor, "_backoff", crash_once)  # after the next failed attempt
+    crashes = die_once(monkeypatch, conn._supervisor, "_backoff")  # after the next failed attempt
     first_thread.join(10)
     assert not first_thread.is_alive()
     assert crashes

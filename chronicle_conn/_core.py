@@ -100,6 +100,10 @@ class Core:
         self.dropped: Generation | None = None
         self.events = EventQueue(self.cond, log)
         self.thread: threading.Thread | None = None
+        #: A ``fork()`` is being prepared: the supervisor must hold, no call of its own
+        #: in flight (``_fork``); ``paused`` is its answer that it does.
+        self.fork_hold = False
+        self.paused = False
         self._start: Callable[[], threading.Thread] | None = None
         self._owner: Callable[[], Any] = lambda: None
         # --- written without the lock --------------------------------------------------
@@ -384,6 +388,8 @@ class Core:
         self.deferred = []
         self.reconnect_requested = False
         self.demand_until = -math.inf
+        self.fork_hold = False
+        self.paused = False
         if self.closing:
             return
         self.armed = False

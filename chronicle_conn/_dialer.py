@@ -11,7 +11,11 @@ the attempt waits until it is established. ``channel_ready_future`` is not used:
 has no failure outcome, and it starts grpc's connectivity poller, whose 200 ms watch
 then holds the channel's ``close()`` for as long.
 
-Every wait here ends early when the connection is closed.
+Every wait here ends early when the connection is closed. A ``fork()`` being prepared
+(see ``_fork``) interrupts a probe (:class:`Interrupted`: it is cancelled and waited for,
+so that it is not in flight at the fork) but not a monitor being established, which
+takes milliseconds: a stream cancelled as it starts can deadlock a server built on
+grpcio-health-checking's servicer (grpc/grpc#43403).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from ._liveness import AUTO_ORDER, Monitor, MonitorStatus, describe, make_monito
 from ._version import __version__
 from .config import LivenessMode
 
-__all__ = ["AttemptFailed", "Dialer", "Unreachable"]
+__all__ = ["AttemptFailed", "Dialer", "Interrupted", "Unreachable"]
 
 #: How often health and transport monitors probe, at most (see ``Dialer.probe_interval``).
 PROBE_INTERVAL = 1.0
@@ -43,6 +47,17 @@ class AttemptFailed(Exception):
 
 class Unreachable(AttemptFailed):
     """A probe came back ``UNAVAILABLE``: the transport is down."""
+
+
+class Interrupted(AttemptFailed):
+    """Cut short because a ``fork()`` is being prepared: says nothing about the server."""
+
+    def __init__(self) -> None:
+        super().__init__("interrupted by fork()")
+
+
+#: How long an interrupted probe may take to report its cancellation (normally at once).
+_CANCEL_WAIT = 1.0
 
 
 MakeGeneration = Callable[[grpc.Channel, Monitor], Generation]
@@ -121,6 +136,10 @@ class Dialer:
             future.cancel()
             if core.closing or core.abandoned:
                 return AttemptFailed("connection closed")
+            if core.fork_hold:
+                # No call of ours may be in flight at the fork: wait for the cancellation.
+                self._await(future, core.clock() + _CANCEL_WAIT, interruptible=False)
+                return Interrupted()
             return AttemptFailed(self._timed_out(readiness))
         error = future.exception()
         if error is None:
@@ -140,8 +159,9 @@ class Dialer:
             )
         return f"no answer within {self._attempt_timeout:g}s"
 
-    def _await(self, future: Any, deadline: float) -> bool:
-        """Wait until ``future`` is done (True), or the deadline or close() (False)."""
+    def _await(self, future: Any, deadline: float, *, interruptible: bool = True) -> bool:
+        """Wait until ``future`` is done (True), or the deadline, close() or (when
+        ``interruptible``) a fork being prepared (False)."""
         core = self._core
         cond = core.cond
         done: list[bool] = []
@@ -151,22 +171,30 @@ class Dialer:
                 done.append(True)
                 cond.notify_all()
 
+        def settled() -> bool:
+            if done or core.closing or core.abandoned:
+                return True
+            return interruptible and core.fork_hold
+
         future.add_done_callback(settle)
         with cond:
-            cond.wait_for(
-                lambda: bool(done) or core.closing or core.abandoned,
-                max(0.0, deadline - core.clock()),
-            )
+            cond.wait_for(settled, max(0.0, deadline - core.clock()))
             return bool(done)
 
     def establish(
-        self, channel: grpc.Channel, deadline: float
+        self, channel: grpc.Channel, deadline: float, *, previous: Monitor | None = None
     ) -> tuple[Monitor | None, AttemptFailed | None]:
         """Start the liveness monitor (``auto``: the best the server offers) and wait
-        until it is established. Returns the monitor, or why none could be."""
+        until it is established. Returns the monitor, or why none could be.
+
+        ``previous``: the monitor this one replaces on the same channel; its mode is
+        tried first, and a keep-alive monitor keeps its connection id.
+        """
         core = self._core
         mode = core.config.liveness
-        modes = AUTO_ORDER if mode is LivenessMode.AUTO else (mode,)
+        modes: tuple[LivenessMode, ...] = AUTO_ORDER if mode is LivenessMode.AUTO else (mode,)
+        if previous is not None and previous.mode in modes:
+            modes = (previous.mode, *(m for m in modes if m is not previous.mode))
         last: str | None = None
         for candidate in modes:
             monitor = make_monitor(
@@ -180,6 +208,8 @@ class Dialer:
                 log=core.log,
                 client_version=__version__,
             )
+            if previous is not None and previous.mode is candidate:
+                monitor.connection_id = previous.connection_id
             monitor.start()
             with core.cond:
                 core.cond.wait_for(

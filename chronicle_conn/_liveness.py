@@ -130,6 +130,9 @@ class Monitor:
 
     mode = LivenessMode.TRANSPORT
     probes = True
+    #: The kernel's name for this client (keep-alive mode); a monitor restarted on the
+    #: same channel (after a fork, a GOAWAY) keeps its predecessor's (``Dialer.establish``).
+    connection_id: str | None = None
 
     def __init__(
         self,
@@ -163,6 +166,10 @@ class Monitor:
         self._stopping = False
         self._probing = False
         self._next_probe: float | None = None
+        #: Calls of this monitor's still in flight besides the stream: the periodic
+        #: probe, keep-alive answers (``quiet()`` waits for them before a fork).
+        self._pending: set[Any] = set()
+        self._thread_done = False
 
     def start(self) -> None:
         """Begin watching. Does not block."""
@@ -205,7 +212,33 @@ class Monitor:
                 self.suspect = f"probe: {exc}"
                 self._cond.notify_all()
             return
-        future.add_done_callback(self._on_probe)
+        self._track(future, self._on_probe)
+
+    def _track(self, future: Any, callback: Callable[[Any], None]) -> None:
+        """Count ``future`` in flight until ``callback`` has run; cancel it at once if
+        the monitor is stopping (a fork waits for it)."""
+        with self._cond:
+            self._pending.add(future)
+            stopping = self._stopping
+
+        def done(finished: Any) -> None:
+            try:
+                callback(finished)
+            finally:
+                with self._cond:
+                    self._pending.discard(finished)
+                    if self._stopping:
+                        self._cond.notify_all()
+
+        future.add_done_callback(done)
+        if stopping:
+            future.cancel()
+
+    def quiet(self) -> bool:
+        """Whether none of this monitor's calls is in flight and its thread is done
+        (after ``stop()``). Lock held."""
+        thread_done = self._thread is None or self._thread_done
+        return thread_done and not self._pending and not self._probing
 
     def _probe(self) -> Any:
         return _health.probe_callable(self._channel).future(
@@ -236,8 +269,11 @@ class Monitor:
             if self.status in (MonitorStatus.PENDING, MonitorStatus.ESTABLISHED):
                 self.status = MonitorStatus.STOPPED
             call = self._call
+            pending = list(self._pending)
         if call is not None:
             call.cancel()
+        for future in pending:
+            future.cancel()
 
     def join(self, timeout: float) -> None:
         """Wait (bounded) for the monitor's thread to end."""
@@ -252,7 +288,15 @@ class Monitor:
     # -- helpers for the stream monitors --------------------------------------------
 
     def _spawn(self, target: Callable[[], None]) -> None:
-        self._thread = threading.Thread(target=target, name=self._thread_name, daemon=True)
+        def run() -> None:
+            try:
+                target()
+            finally:
+                with self._cond:
+                    self._thread_done = True
+                    self._cond.notify_all()
+
+        self._thread = threading.Thread(target=run, name=self._thread_name, daemon=True)
         self._thread.start()
 
     def _set_call(self, call: Any) -> bool:
@@ -301,14 +345,15 @@ class KeepAliveMonitor(Monitor):
     def start(self) -> None:
         import uuid  # noqa: PLC0415 - loaded by load()
 
-        self.connection_id = str(uuid.uuid4())
+        if self.connection_id is None:
+            self.connection_id = str(uuid.uuid4())
         self._spawn(self._run)
 
     def _request(self) -> clients_pb2.ConnectRequest:
         from ._proto import clients_pb2  # noqa: PLC0415 - loaded by load()
 
         return clients_pb2.ConnectRequest(
-            ConnectionId=self.connection_id,
+            ConnectionId=self.connection_id or "",
             ClientVersion=self._client_version,
             IsRunningWithDebugger=sys.gettrace() is not None,
             ProcessId=os.getpid(),
@@ -348,7 +393,7 @@ class KeepAliveMonitor(Monitor):
                     self.received += 1
                 # Answer without blocking the reader: a slow answer must not delay
                 # noticing the next ping.
-                answer.future(ping, timeout=self._stale_after).add_done_callback(self._on_answer)
+                self._track(answer.future(ping, timeout=self._stale_after), self._on_answer)
         except grpc.RpcError as exc:
             error = exc
         except ValueError as exc:  # "Cannot invoke RPC on closed channel!"

@@ -87,6 +87,13 @@ class DelaySchedule:
         self._failed_at = now
         self._cadence = self._rng.uniform(*DEMAND_DELAY)
 
+    def interrupted(self) -> None:
+        """The attempt that began last was cut short by a ``fork()``: it neither counts
+        nor delays the next one."""
+        if self._counting:
+            self.counted -= 1
+            self._counting = False
+
     @property
     def exhausted(self) -> bool:
         """Whether the last failure spent the last counted attempt."""

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
 
+from . import _fork
 from ._calls import CallError
 from ._channel_factory import ChannelFactory
 from ._core import Core
-from ._dialer import AttemptFailed, Dialer
+from ._dialer import AttemptFailed, Dialer, Interrupted
 from ._generation import Generation, park
 from ._liveness import Monitor, MonitorStatus
 from ._log import swallow
@@ -46,6 +49,14 @@ _HEARTBEAT = 1.0
 #: not trigger another one for this long (a server may answer UNAVAILABLE on purpose).
 _SUSPECT_COOLDOWN = 1.0
 
+_RECONNECT_REQUESTED = "reconnect requested"
+
+#: After a fork, the liveness monitor restarts once no other fork came for this long
+#: (a pre-forking server forks its workers in a burst): a stream is not started only to
+#: be cancelled at once, which costs the server and can deadlock one built on
+#: grpcio-health-checking's servicer (grpc/grpc#43403).
+_FORK_SETTLE = 0.25
+
 
 class _Act(enum.Enum):
     """What ``_serve`` must do about the current generation."""
@@ -57,6 +68,7 @@ class _Act(enum.Enum):
     REPLACE = "replace"  # reconnect() or max_channel_age: make-before-break
     TICK = "tick"  # the monitor's periodic probe is due
     REAP = "reap"  # a retired generation can be closed
+    PAUSE = "pause"  # a fork is being prepared (or was, and the monitor must restart)
 
 
 @dataclass
@@ -72,8 +84,8 @@ class _Retiree:
 class Supervisor:
     """The background loop of one connection (see the module docstring).
 
-    Only :meth:`start`, :meth:`close` and :meth:`reset_after_fork` are called from other
-    threads; everything else runs on the supervisor thread.
+    Only :meth:`start`, :meth:`close` and the ``fork_*`` methods (``_fork``'s hooks) are
+    called from other threads; everything else runs on the supervisor thread.
     """
 
     def __init__(
@@ -92,6 +104,12 @@ class Supervisor:
         self._call_suspect: str | None = None  # a call through the facade hinted at loss
         self._verified_at = -math.inf  # the last verification that found the server there
         self._crashes = 0  # threads that ended unexpectedly (each restart waits longer)
+        self._running: threading.Thread | None = None  # the thread, until its very end
+        self._resumed_at = -math.inf  # time.monotonic() of the last fork's end
+        self._pid = os.getpid()
+        problem = _fork.register(self)
+        if problem is not None:
+            core.log.warning("fork_unprotected", reason=problem)
 
     # ------------------------------------------------------------------ other threads
 
@@ -100,6 +118,7 @@ class Supervisor:
         thread = threading.Thread(
             target=self.run, name=f"chronicle_conn-supervisor[{self.core.label}]", daemon=True
         )
+        self._running = thread
         thread.start()
         return thread
 
@@ -122,15 +141,89 @@ class Supervisor:
         # No thread (never started, or died): what it left behind is closed here.
         self._close_all()
 
-    def reset_after_fork(self) -> None:
-        """In a forked child: park every inherited generation (never used, closed or
-        collected there: closing one can hang in the child) and forget them."""
+    # ------------------------------------------------------------------ fork (_fork's hooks)
+
+    def fork_prepare(self) -> None:
+        """Before a fork: ask the thread to hold (see :meth:`_hold_locked`)."""
+        core = self.core
+        with core.cond:
+            core.fork_hold = True
+            core.cond.notify_all()
+
+    def fork_wait(self, deadline: float) -> bool:
+        """Before a fork: wait until the thread holds with none of its calls in flight
+        (or is not running), or ``deadline`` (``time.monotonic()``)."""
+        core = self.core
+        with core.cond:
+            if self._running is None:
+                return True
+            if self._running is threading.current_thread():
+                return False  # forking from a listener: it cannot hold for itself
+            return core.cond.wait_for(
+                lambda: core.paused or self._running is None,
+                max(0.0, deadline - time.monotonic()),
+            )
+
+    def fork_resume(self) -> None:
+        """The parent after a fork: carry on (the liveness monitor restarts)."""
+        core = self.core
+        with core.cond:
+            core.fork_hold = False
+            self._resumed_at = time.monotonic()
+            core.cond.notify_all()
+
+    def fork_late(self, timeout: float) -> None:
+        """The parent after a fork that did not wait for this connection."""
+        self.core.log.warning(
+            "fork_not_quiesced",
+            timeout=timeout,
+            detail="the connection's own calls may have been in flight at fork()",
+        )
+
+    def fork_child(self) -> None:
+        """In a forked child (only the forking thread exists): park every inherited
+        generation (never used, closed or collected there: closing one can hang in the
+        child), forget the parent's thread and reset the core to IDLE. Idempotent."""
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        core = self.core
         retired, self._retired = self._retired, []
-        for retiree in retired:
-            park(retiree.gen)
+        for gen in [r.gen for r in retired] + [core.current, core.dropped]:
+            if gen is not None:
+                park(gen)
+        core.dropped = None
         self._drained = False
         self._call_suspect = None
         self._crashes = 0
+        self._running = None
+        core.reset_after_fork()
+
+    def _hold_locked(self) -> None:
+        """Lock held. While a fork is being prepared: once no call of this connection's
+        monitors is in flight, say so (``core.paused``) and wait until the fork is over
+        (or closing). The caller has no call of its own in flight."""
+        core = self.core
+        if not core.fork_hold:
+            return
+        while core.fork_hold and not self._stopping() and not self._quiet():
+            core.cond.wait(_HEARTBEAT)
+        if not core.fork_hold or self._stopping():
+            return
+        core.paused = True
+        core.cond.notify_all()
+        try:
+            while core.fork_hold and not self._stopping():
+                core.cond.wait(_HEARTBEAT)
+        finally:
+            core.paused = False
+
+    def _quiet(self) -> bool:
+        """No monitor of a generation of ours has a call in flight. Lock held."""
+        gens = [r.gen for r in self._retired]
+        if self.core.current is not None:
+            gens.append(self.core.current)
+        return all(g.monitor.quiet() for g in gens)
 
     # ------------------------------------------------------------------ the thread
 
@@ -142,7 +235,13 @@ class Supervisor:
         except BaseException:
             self.core.log.exception("supervisor_crashed")
         finally:
-            self._exit()
+            try:
+                self._exit()
+            finally:
+                with self.core.cond:
+                    if self._running is threading.current_thread():
+                        self._running = None
+                    self.core.cond.notify_all()
 
     def _after_crash(self) -> None:
         """A thread that replaces one that died waits a little first (longer each time,
@@ -153,6 +252,7 @@ class Supervisor:
         until = core.clock() + min(self._crashes * policy.base_delay, policy.max_delay)
         with core.cond:
             while not self._stopping() and (now := core.clock()) < until:
+                self._hold_locked()
                 core.cond.wait(min(until - now, _HEARTBEAT))
 
     def _stopping(self) -> bool:
@@ -166,6 +266,9 @@ class Supervisor:
             with core.cond:
                 if self._stopping():
                     return
+                if core.fork_hold:
+                    self._hold_locked()
+                    continue
                 if not core.armed:
                     # Parked (IDLE/FAILED): wake to close retired channels when due.
                     core.cond.wait(self._timeout(math.inf))
@@ -186,6 +289,7 @@ class Supervisor:
                     self._lose(gen, f"internal error: {exc!r}", exc)
                 with core.cond:
                     if not self._stopping():
+                        self._hold_locked()
                         core.cond.wait(core.config.policy.base_delay)
 
     def _exit(self) -> None:
@@ -286,6 +390,7 @@ class Supervisor:
         while True:
             self._reap()
             with core.cond:
+                self._hold_locked()
                 if self._stopping():
                     return None
                 core.reconnect_requested = False
@@ -296,6 +401,11 @@ class Supervisor:
             result = self.dialer.attempt(schedule.counted)
             if isinstance(result, Generation):
                 return self._install(result, schedule.counted)
+            if isinstance(result, Interrupted):
+                schedule.interrupted()
+                with core.cond:
+                    core.counters.attempts -= 1
+                continue
             schedule.failed(core.clock())
             with core.cond:
                 core.counters.failed_attempts += 1
@@ -324,6 +434,7 @@ class Supervisor:
         while True:
             self._reap()
             with core.cond:
+                self._hold_locked()
                 if self._stopping() or core.reconnect_requested:
                     return
                 core.prune_deferred()
@@ -412,6 +523,12 @@ class Supervisor:
                 continue
             if action is _Act.REAP:
                 continue
+            if action is _Act.PAUSE:
+                failure = self._pause(gen)
+                if failure is not None:
+                    self._lose(gen, f"liveness after fork(): {failure}", failure)
+                    return None
+                continue
             if action is _Act.STALE:
                 core.log.warning("liveness_stale", reason=reason)
             if action in (_Act.LOST, _Act.STALE):
@@ -426,6 +543,10 @@ class Supervisor:
             # healthy server): a probe tells, and a dead server refuses it at once.
             core.log.debug("verifying", reason=reason)
             failure = self.dialer.probe(gen.channel, core.clock() + core.config.attempt_timeout)
+            if isinstance(failure, Interrupted):
+                with core.cond:
+                    self._call_suspect = self._call_suspect or reason  # verify after the fork
+                continue
             if failure is None and gen.monitor.status in (
                 MonitorStatus.ENDED,
                 MonitorStatus.FAILED,
@@ -447,9 +568,11 @@ class Supervisor:
                     return _Act.STOP, ""
                 now = core.clock()
                 monitor = gen.monitor
+                if core.fork_hold or monitor.status is MonitorStatus.STOPPED:
+                    return _Act.PAUSE, ""
                 if core.reconnect_requested:
                     core.reconnect_requested = False
-                    return _Act.REPLACE, "reconnect requested"
+                    return _Act.REPLACE, _RECONNECT_REQUESTED
                 if monitor.status is MonitorStatus.LOST:
                     return _Act.LOST, monitor.error or "liveness lost"
                 stale_at = monitor.deadline()
@@ -483,7 +606,7 @@ class Supervisor:
         old.stop()
         old.join(core.config.close_timeout)
         monitor, error = self.dialer.establish(
-            gen.channel, core.clock() + core.config.attempt_timeout
+            gen.channel, core.clock() + core.config.attempt_timeout, previous=old
         )
         if monitor is None:
             return error  # gen keeps the old monitor; _retire counts its keep-alives
@@ -491,6 +614,24 @@ class Supervisor:
             core.counters.keepalives += old.received
             gen.monitor = monitor
         return None
+
+    def _pause(self, gen: Generation) -> AttemptFailed | None:
+        """A fork is being prepared: stop ``gen``'s monitor, hold until the fork is over
+        and no other came for ``_FORK_SETTLE``, then restart the monitor on the same
+        channel (no state change). Returns why it could not be restarted (the
+        generation is then lost), or None."""
+        core = self.core
+        gen.monitor.stop()
+        with core.cond:
+            while True:
+                self._hold_locked()
+                if self._stopping():
+                    return None
+                settled_in = self._resumed_at + _FORK_SETTLE - time.monotonic()
+                if settled_in <= 0 and not core.fork_hold:
+                    break
+                core.cond.wait(min(max(settled_in, 0.0), _HEARTBEAT))
+        return self._restart_monitor(gen)
 
     def _lose(self, gen: Generation, reason: str, exc: BaseException | None = None) -> None:
         """``gen`` is lost: RECONNECTING, and retire it (its calls finish as grpc ends them)."""
@@ -517,6 +658,11 @@ class Supervisor:
         (no state change). On failure ``gen`` keeps serving. Returns the new one."""
         core = self.core
         result = self.dialer.attempt(0)
+        if isinstance(result, Interrupted):
+            with core.cond:  # try again after the fork
+                if reason == _RECONNECT_REQUESTED:
+                    core.reconnect_requested = True
+            return None
         if not isinstance(result, Generation):
             if self._stopping():
                 return None

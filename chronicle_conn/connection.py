@@ -8,9 +8,11 @@ module but ``__init__``.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import math
 import os
+import sys
 import threading
 import time
 import weakref
@@ -20,10 +22,9 @@ from typing import Any
 
 import grpc
 
-from . import _liveness, _log, _schedule
+from . import _fork, _liveness, _log, _schedule
 from ._channel_factory import ChannelFactory
 from ._core import Core
-from ._generation import park
 from ._log import connection_log
 from ._supervisor import Supervisor
 from .config import ConnectionConfig, LivenessMode, ReconnectPolicy
@@ -46,7 +47,6 @@ _ALL: weakref.WeakSet[Connection] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    registry._lock = threading.Lock()
     for conn in list(_ALL):
         # The child runs only this thread now; a lock another thread of the parent held
         # at the fork would stay held for ever.
@@ -54,8 +54,43 @@ def _after_fork_in_child() -> None:
         conn._after_fork()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+# Before the fork, the supervisors quiesce (``_fork``); after it, in the child, the
+# supervisors reset their cores, then this resets the rest of each connection.
+_fork.on_child(_after_fork_in_child)
+
+#: The longest interpreter exit waits for open connections to close, all together.
+_AT_EXIT_TIMEOUT = 3.0
+
+
+def _close_at_exit() -> None:
+    """At interpreter exit (a script ending, a gunicorn or uWSGI worker exiting): close
+    the connections still open, so that the server sees the channel closed rather than
+    a socket dropped by a dying process. Bounded; a connection inherited across a fork
+    and never used in this process is not touched."""
+    deadline = time.monotonic() + _AT_EXIT_TIMEOUT
+    for conn in list(_ALL):
+        if time.monotonic() >= deadline:
+            return
+        if conn._pid == os.getpid() and not conn._core.closing:
+            try:
+                conn.close()
+            except Exception:  # exiting anyway: never turn an exit into a traceback
+                continue
+
+
+atexit.register(_close_at_exit)
+
+
+def _refuse_gevent() -> None:
+    """gevent's monkey-patched threading turns the supervisor into a greenlet that
+    blocks on real gRPC calls: refuse at once rather than hang later."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("threading"):
+        raise ConfigurationError(
+            "gevent has monkey-patched threading, which chronicle_conn does not support: "
+            "run gunicorn with gthread or sync workers (uWSGI: threads, not gevent)",
+            option="gevent",
+        )
 
 
 class Connection:
@@ -123,6 +158,7 @@ class Connection:
         clock: Callable[[], float] = time.monotonic,
         delay_factory: Callable[[ReconnectPolicy], Iterator[float]] | None = None,
     ) -> None:
+        _refuse_gevent()
         cs = _connection_string(connection_string, server_address)
         policy = ReconnectPolicy(
             retry_attempts=retry_attempts,
@@ -198,11 +234,7 @@ class Connection:
             if self._pid == os.getpid():
                 return
             core = self._core
-            gen = core.current
-            if gen is not None:
-                park(gen)
-            self._supervisor.reset_after_fork()
-            core.reset_after_fork()
+            self._supervisor.fork_child()
             self._managed.reset_after_fork()
             self._pid = os.getpid()
             if self._config.auto_connect:

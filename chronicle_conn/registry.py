@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
-from typing import Generic, Protocol, TypeVar
+import weakref
+from typing import Any, Generic, Protocol, TypeVar
 
 from .errors import DuplicateNameError, UnknownNameError
 
@@ -21,12 +23,17 @@ class ConnectionRegistry(Generic[Connection]):
     """Named connections. Thread-safe; ``close_all()`` closes outside the lock.
 
     The package's default registry is ``chronicle_conn.registry``, where
-    ``Connection(name=...)`` registers itself.
+    ``Connection(name=...)`` registers itself, and ``close()`` removes it. After
+    ``fork()`` the child's registry works (a fresh lock) and holds the same names (each
+    connection starts over in the child on its own channel).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._connections: dict[str, Connection] = {}  # guarded by _lock
+        if hasattr(os, "register_at_fork"):
+            ref = weakref.ref(self)
+            os.register_at_fork(after_in_child=lambda: _renew_lock(ref))
 
     def add(self, name: str, conn: Connection) -> None:
         """Register ``conn`` as ``name``.
@@ -94,3 +101,10 @@ class ConnectionRegistry(Generic[Connection]):
     def __len__(self) -> int:
         with self._lock:
             return len(self._connections)
+
+
+def _renew_lock(ref: weakref.ReferenceType[ConnectionRegistry[Any]]) -> None:
+    """In a forked child: a lock another thread of the parent held would stay held."""
+    registry = ref()
+    if registry is not None:
+        registry._lock = threading.Lock()

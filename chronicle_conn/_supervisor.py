@@ -26,7 +26,7 @@ from . import _fork
 from ._calls import CallError
 from ._channel_factory import ChannelFactory
 from ._core import Core
-from ._dialer import AttemptFailed, Dialer, Interrupted
+from ._dialer import AttemptFailed, Dialer, Interrupted, Unreachable
 from ._generation import Generation, park
 from ._liveness import Monitor, MonitorStatus
 from ._log import swallow
@@ -570,9 +570,7 @@ class Supervisor:
                 monitor = gen.monitor
                 if core.fork_hold or monitor.status is MonitorStatus.STOPPED:
                     return _Act.PAUSE, ""
-                if core.reconnect_requested:
-                    core.reconnect_requested = False
-                    return _Act.REPLACE, _RECONNECT_REQUESTED
+                # Signs of loss first: reconnect() called in a loop must not hide them.
                 if monitor.status is MonitorStatus.LOST:
                     return _Act.LOST, monitor.error or "liveness lost"
                 stale_at = monitor.deadline()
@@ -584,6 +582,9 @@ class Supervisor:
                     monitor.suspect = None
                     self._call_suspect = None
                     return _Act.VERIFY, reason
+                if core.reconnect_requested:
+                    core.reconnect_requested = False
+                    return _Act.REPLACE, _RECONNECT_REQUESTED
                 rotate_at = gen.rotate_at if gen.rotate_at is not None else math.inf
                 if now >= rotate_at:
                     return _Act.REPLACE, "max_channel_age"
@@ -670,6 +671,9 @@ class Supervisor:
             with core.cond:
                 core.last_error = f"{reason}: {result}"
                 core.last_exc = result
+                if isinstance(result, Unreachable):
+                    # The server refused a new connection: is the current one still good?
+                    self._call_suspect = self._call_suspect or f"{reason}: {result}"
             max_age = core.config.max_channel_age
             if gen.rotate_at is not None and max_age is not None:
                 gen.rotate_at = core.clock() + max_age

@@ -102,7 +102,9 @@ def test_graceful_stop_with_calls_in_flight_runs_each_call_once(app_server_facto
     expected = {rid: 1 if result[0] == "ok" else 0 for rid, result in late_outcomes.items()}
     assert {rid: ran.get(rid, 0) for rid in late_outcomes} == expected
     ours_cancelled = sum(1 for rid, r in late_outcomes.items() if r[0] != "ok" and "raw" not in rid)
-    assert ours_cancelled <= 3, late_outcomes  # a rare race, as on raw channels
+    raw_cancelled = sum(1 for rid, r in late_outcomes.items() if r[0] != "ok" and "raw" in rid)
+    # A rare race, as on raw channels.
+    assert ours_cancelled <= 3, f"ours cancelled {ours_cancelled}, raw {raw_cancelled} of {TRIALS}"
 
 
 @pytest.mark.timeout(300)

@@ -75,10 +75,23 @@ _late: list[Participant] = []
 
 def register(participant: Participant) -> str | None:
     """Quiesce ``participant`` at every fork (held weakly). Returns a warning for its
-    log when forks will not be quiesced (see :func:`uwsgi_problem`)."""
+    log when a forked child cannot work (:func:`fork_support_problem`) or forks will not
+    be quiesced (:func:`uwsgi_problem`)."""
     install()
     _participants.add(participant)
-    return uwsgi_problem()
+    return fork_support_problem() or uwsgi_problem()
+
+
+def fork_support_problem() -> str | None:
+    """``GRPC_ENABLE_FORK_SUPPORT`` set to a false value turns gRPC core's fork handlers
+    off: then gRPC hangs in every forked child (measured: every child, raw channels too)."""
+    value = os.environ.get("GRPC_ENABLE_FORK_SUPPORT")
+    if value is None or not value.strip() or _on(value):
+        return None
+    return (
+        f"GRPC_ENABLE_FORK_SUPPORT={value} turns gRPC's fork handlers off, and gRPC then "
+        "hangs in forked children (pre-forking servers' workers): unset it, or set it to 1"
+    )
 
 
 def uwsgi_problem() -> str | None:

@@ -117,3 +117,52 @@ def test_64_threads_through_kernel_kills_and_restarts(make_conn, kernel):
     assert undocumented == [], undocumented[:10]
     assert version(conn.channel(), timeout=5)
     assert len(conn._threads()) <= 3
+
+
+@pytest.mark.timeout(30)
+def test_registry_close_all_closes_outside_its_lock():
+    """A connection's close() may use the registry (a listener, say): close_all() must
+    not hold the registry's lock while it closes."""
+    registry: cc.ConnectionRegistry[object] = cc.ConnectionRegistry()
+    seen: list[list[str]] = []
+
+    class Closeable:
+        def close(self) -> None:
+            seen.append(registry.names())  # would deadlock under the lock
+
+    for n in range(3):
+        registry.add(f"c{n}", Closeable())
+    registry.close_all()
+    assert seen == [[], [], []]
+    assert len(registry) == 0
+
+
+@pytest.mark.timeout(60)
+def test_registry_under_32_threads():
+    registry: cc.ConnectionRegistry[object] = cc.ConnectionRegistry()
+    errors: list[BaseException] = []
+
+    class Closeable:
+        def close(self) -> None:
+            pass
+
+    def churn(n: int) -> None:
+        try:
+            for i in range(500):
+                name = f"t{n}-{i}"
+                item = Closeable()
+                registry.add(name, item)
+                assert registry.get(name) is item
+                assert name in registry
+                assert registry.remove(name) is item
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=churn, args=(n,)) for n in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert registry.names() == []

@@ -4,10 +4,11 @@ Run as::
 
     python -m tests.harness.forker --address HOST:PORT --children N \\
         [--liveness auto|keepalive|health|transport] [--concurrent] [--burner] \\
-        [--busy THREADS] [--run-id ID] [--child-timeout S] [--raw]
+        [--busy THREADS] [--run-id ID] [--child-timeout S] [--raw [--fresh]]
 
 The parent connects (``Connection`` with ``liveness``, or with ``--raw`` a plain
-``grpc.insecure_channel``), builds a stub for the work service (``tests.harness.appserver``)
+``grpc.insecure_channel``, which ``--fresh`` children do not reuse: each makes its own),
+builds a stub for the work service (``tests.harness.appserver``)
 *before* any fork, makes one call, and then forks ``N`` children: one after another
 (each waited for before the next), or with ``--concurrent`` all at once. Each child
 calls ``connect(timeout=10)`` and makes one work call with the id ``<run-id>-<i>``
@@ -48,13 +49,17 @@ import chronicle_conn as cc
 from tests.harness.appserver import WorkStub, work_request, work_response
 
 
-def _child(stub: WorkStub, conn: cc.Connection | None, rid: str, timeout: float) -> None:
+def _child(
+    stub: WorkStub, conn: cc.Connection | None, rid: str, timeout: float, fresh: str | None
+) -> None:
     """The child's whole life: connect, one call, exit. Never returns."""
     code = 3
     try:
         signal.alarm(max(1, int(timeout)))
         if conn is not None:
             conn.connect(timeout=10)
+        if fresh is not None:
+            stub = WorkStub(grpc.insecure_channel(fresh))
         answer = work_response(stub.unary(work_request(rid), timeout=10, wait_for_ready=True))
         if answer["id"] == rid and answer["pid"] != os.getpid():
             code = 0
@@ -142,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-id", default="fork")
     parser.add_argument("--child-timeout", type=float, default=20.0)
     parser.add_argument("--raw", action="store_true", help="a plain grpc channel, no Connection")
+    parser.add_argument(
+        "--fresh", action="store_true", help="with --raw: each child makes a channel of its own"
+    )
     args = parser.parse_args(argv)
 
     parent = _Parent(args)
@@ -179,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child
-            _child(parent.stub, parent.conn, rid, args.child_timeout)
+            fresh = args.address if args.fresh else None
+            _child(parent.stub, parent.conn, rid, args.child_timeout, fresh)
         fork_ms.append((time.perf_counter() - started) * 1000)
         running[pid] = (rid, time.monotonic() + args.child_timeout + 5)
         if not args.concurrent:

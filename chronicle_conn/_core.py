@@ -100,9 +100,10 @@ class Core:
         self.dropped: Generation | None = None
         self.events = EventQueue(self.cond, log)
         self.thread: threading.Thread | None = None
-        #: A ``fork()`` is being prepared: the supervisor must hold, no call of its own
-        #: in flight (``_fork``); ``paused`` is its answer that it does.
-        self.fork_hold = False
+        #: Forks being prepared (several threads may fork at once): while non-zero the
+        #: supervisor must hold, no call of its own in flight (``_fork``); ``paused`` is
+        #: its answer that it does.
+        self.fork_hold = 0
         self.paused = False
         self._start: Callable[[], threading.Thread] | None = None
         self._owner: Callable[[], Any] = lambda: None
@@ -388,7 +389,7 @@ class Core:
         self.deferred = []
         self.reconnect_requested = False
         self.demand_until = -math.inf
-        self.fork_hold = False
+        self.fork_hold = 0
         self.paused = False
         if self.closing:
             return

@@ -12,15 +12,15 @@ has no failure outcome, and it starts grpc's connectivity poller, whose 200 ms w
 then holds the channel's ``close()`` for as long.
 
 Every wait here ends early when the connection is closed. A ``fork()`` being prepared
-(see ``_fork``) interrupts a probe (:class:`Interrupted`: it is cancelled and waited for,
-so that it is not in flight at the fork) but not a monitor being established, which
-takes milliseconds: a stream cancelled as it starts can deadlock a server built on
-grpcio-health-checking's servicer (grpc/grpc#43403).
+(see ``_fork``) interrupts it (:class:`Interrupted`: its calls are cancelled and waited
+for, so that none is in flight at the fork): a probe at once, a monitor being
+established only after ``_ESTABLISH_GRACE`` (that normally takes milliseconds, and a
+stream cancelled as it starts can deadlock a server built on grpcio-health-checking's
+servicer, grpc/grpc#43403).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +58,9 @@ class Interrupted(AttemptFailed):
 
 #: How long an interrupted probe may take to report its cancellation (normally at once).
 _CANCEL_WAIT = 1.0
+
+#: A fork interrupts a monitor being established only once it has waited this long.
+_ESTABLISH_GRACE = 0.2
 
 
 MakeGeneration = Callable[[grpc.Channel, Monitor], Generation]
@@ -174,21 +177,44 @@ class Dialer:
         def settled() -> bool:
             if done or core.closing or core.abandoned:
                 return True
-            return interruptible and core.fork_hold
+            return interruptible and core.fork_hold > 0
 
         future.add_done_callback(settle)
         with cond:
             cond.wait_for(settled, max(0.0, deadline - core.clock()))
             return bool(done)
 
+    def _wait_settled(self, monitor: Monitor, started: float, deadline: float) -> bool:
+        """Lock held: wait until ``monitor`` knows, the deadline or close(). True if a
+        fork interrupted it (pending for ``_ESTABLISH_GRACE`` and a fork waiting)."""
+        core = self._core
+        while not _settled(core, monitor):
+            now = core.clock()
+            if now >= deadline:
+                return False
+            wake = deadline
+            if core.fork_hold:
+                if now >= started + _ESTABLISH_GRACE:
+                    return True
+                wake = min(wake, started + _ESTABLISH_GRACE)
+            core.cond.wait(wake - now)
+        return False
+
     def establish(
-        self, channel: grpc.Channel, deadline: float, *, previous: Monitor | None = None
+        self,
+        channel: grpc.Channel,
+        deadline: float,
+        *,
+        previous: Monitor | None = None,
+        alive_at: float | None = None,
     ) -> tuple[Monitor | None, AttemptFailed | None]:
         """Start the liveness monitor (``auto``: the best the server offers) and wait
         until it is established. Returns the monitor, or why none could be.
 
         ``previous``: the monitor this one replaces on the same channel; its mode is
-        tried first, and a keep-alive monitor keeps its connection id.
+        tried first, and a keep-alive monitor keeps its connection id. ``alive_at``:
+        the last sign of life, which a monitor established without asking the server
+        (``transport``) starts from.
         """
         core = self._core
         mode = core.config.liveness
@@ -210,12 +236,11 @@ class Dialer:
             )
             if previous is not None and previous.mode is candidate:
                 monitor.connection_id = previous.connection_id
+            monitor.seen_before = alive_at
+            started = core.clock()
             monitor.start()
             with core.cond:
-                core.cond.wait_for(
-                    functools.partial(_settled, core, monitor),
-                    max(0.0, deadline - core.clock()),
-                )
+                interrupted = self._wait_settled(monitor, started, deadline)
                 status = monitor.status
                 error = monitor.error
                 if status is MonitorStatus.ESTABLISHED:
@@ -224,6 +249,10 @@ class Dialer:
                 return monitor, None
             monitor.stop()
             monitor.join(core.config.close_timeout)
+            if interrupted:
+                with core.cond:
+                    core.cond.wait_for(monitor.quiet, _CANCEL_WAIT)
+                return None, Interrupted()
             if status is MonitorStatus.UNSUPPORTED:
                 core.log.debug("liveness_unsupported", mode=candidate.value, error=error)
                 last = error
@@ -231,9 +260,8 @@ class Dialer:
             if status is MonitorStatus.PENDING:
                 if core.closing or core.abandoned:
                     return None, AttemptFailed("connection closed")
-                return None, AttemptFailed(
-                    f"{candidate.value}: no answer within {self._attempt_timeout:g}s"
-                )
+                waited = max(0.0, core.clock() - started)
+                return None, AttemptFailed(f"{candidate.value}: no answer within {waited:.1f}s")
             return None, AttemptFailed(error or f"{candidate.value} failed")
         return None, AttemptFailed(f"no liveness mode available: {last}")
 

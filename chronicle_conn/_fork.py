@@ -65,12 +65,16 @@ class Participant(Protocol):
         """The child: forget the parent's threads, park its channels (idempotent)."""
 
 
+#: Guards the participants (a connection may be built on one thread while another
+#: forks) and the installation.
+_lock = threading.Lock()
 _participants: weakref.WeakSet[Participant] = weakref.WeakSet()
 _children: list[Callable[[], None]] = []
 _installed = False
-_install_lock = threading.Lock()
-#: Participants that did not quiesce in time at the last fork (for the parent's log).
-_late: list[Participant] = []
+#: Per fork in progress (forks from several threads may overlap): the participants its
+#: ``before`` hook prepared, which its ``after`` hooks resume; and those that did not
+#: quiesce in time (for the parent's log).
+_held = threading.local()
 
 
 def register(participant: Participant) -> str | None:
@@ -78,7 +82,8 @@ def register(participant: Participant) -> str | None:
     log when a forked child cannot work (:func:`fork_support_problem`) or forks will not
     be quiesced (:func:`uwsgi_problem`)."""
     install()
-    _participants.add(participant)
+    with _lock:
+        _participants.add(participant)
     return fork_support_problem() or uwsgi_problem()
 
 
@@ -130,7 +135,7 @@ def install() -> None:
     global _installed
     if _installed:
         return
-    with _install_lock:
+    with _lock:
         if _installed or not hasattr(os, "register_at_fork"):
             return
         _grpc_registers_first()
@@ -169,22 +174,28 @@ def _grpc_registers_first() -> None:
 
 
 def _before() -> None:
-    participants = list(_participants)
+    with _lock:
+        participants = list(_participants)
+    prepared: list[Participant] = []
+    late: list[Participant] = []
+    _held.prepared, _held.late = prepared, late  # resumed by this thread's after hooks
     if not participants:
         return
     deadline = time.monotonic() + QUIESCE_TIMEOUT
     for each in participants:
         each.fork_prepare()
-    del _late[:]
+        prepared.append(each)
     for each in participants:
         if not each.fork_wait(deadline):
-            _late.append(each)
+            late.append(each)
 
 
 def _after_in_parent() -> None:
-    for each in list(_participants):
+    prepared: list[Participant] = getattr(_held, "prepared", [])
+    late: list[Participant] = getattr(_held, "late", [])
+    _held.prepared, _held.late = [], []
+    for each in prepared:
         each.fork_resume()
-    late, _late[:] = list(_late), []
     for each in late:
         each.fork_late(QUIESCE_TIMEOUT)
 
@@ -193,13 +204,13 @@ _child_pid = os.getpid()
 
 
 def _child() -> None:
-    global _install_lock, _child_pid
+    global _lock, _child_pid
     if _child_pid == os.getpid():
         return  # already reset in this process (uWSGI: the hook and post_fork_hook)
     _child_pid = os.getpid()
-    _install_lock = threading.Lock()
-    _late.clear()
-    for each in list(_participants):
+    _lock = threading.Lock()  # another thread of the parent may have held it
+    _held.prepared, _held.late = [], []
+    for each in list(_participants):  # only this thread exists now
         each.fork_child()
     for callback in list(_children):
         callback()

@@ -133,6 +133,10 @@ class Monitor:
     #: The kernel's name for this client (keep-alive mode); a monitor restarted on the
     #: same channel (after a fork, a GOAWAY) keeps its predecessor's (``Dialer.establish``).
     connection_id: str | None = None
+    #: For a monitor restarted on the same channel: the last sign of life before it. A
+    #: monitor that is established without asking the server starts its staleness
+    #: clock there, not now (a restart is no sign of life).
+    seen_before: float | None = None
 
     def __init__(
         self,
@@ -175,6 +179,8 @@ class Monitor:
         """Begin watching. Does not block."""
         with self._cond:
             self._established()
+            if self.seen_before is not None:
+                self.last_seen = min(self.last_seen or self.seen_before, self.seen_before)
             self._cond.notify_all()
 
     def _established(self) -> None:
@@ -206,7 +212,7 @@ class Monitor:
             self._next_probe = self._clock() + self._probe_interval
         try:
             future = self._probe()
-        except ValueError as exc:  # the channel was closed under us
+        except Exception as exc:  # ValueError: the channel was closed under us
             with self._cond:
                 self._probing = False
                 self.suspect = f"probe: {exc}"

@@ -147,7 +147,7 @@ class Supervisor:
         """Before a fork: ask the thread to hold (see :meth:`_hold_locked`)."""
         core = self.core
         with core.cond:
-            core.fork_hold = True
+            core.fork_hold += 1
             core.cond.notify_all()
 
     def fork_wait(self, deadline: float) -> bool:
@@ -168,7 +168,7 @@ class Supervisor:
         """The parent after a fork: carry on (the liveness monitor restarts)."""
         core = self.core
         with core.cond:
-            core.fork_hold = False
+            core.fork_hold = max(0, core.fork_hold - 1)
             self._resumed_at = time.monotonic()
             core.cond.notify_all()
 
@@ -551,7 +551,9 @@ class Supervisor:
                 MonitorStatus.ENDED,
                 MonitorStatus.FAILED,
             ):
-                failure = self._restart_monitor(gen)
+                failure = self._restart_monitor(gen, alive_at=core.clock())
+                if isinstance(failure, Interrupted):
+                    continue  # the monitor is STOPPED: restarted after the fork
             if failure is not None:
                 self._lose(gen, f"{reason}; {failure}", failure)
                 return None
@@ -568,14 +570,15 @@ class Supervisor:
                     return _Act.STOP, ""
                 now = core.clock()
                 monitor = gen.monitor
-                if core.fork_hold or monitor.status is MonitorStatus.STOPPED:
-                    return _Act.PAUSE, ""
-                # Signs of loss first: reconnect() called in a loop must not hide them.
+                # Signs of loss first: neither forks nor reconnect() called in a loop may
+                # hide them.
                 if monitor.status is MonitorStatus.LOST:
                     return _Act.LOST, monitor.error or "liveness lost"
                 stale_at = monitor.deadline()
                 if stale_at is not None and now >= stale_at:
                     return _Act.STALE, _stale_reason(monitor, config.keepalive_stale_after)
+                if core.fork_hold or monitor.status is MonitorStatus.STOPPED:
+                    return _Act.PAUSE, ""
                 ended = monitor.status in (MonitorStatus.ENDED, MonitorStatus.FAILED)
                 if monitor.suspect or self._call_suspect or ended:
                     reason = monitor.suspect or self._call_suspect or monitor.error or "suspect"
@@ -600,14 +603,28 @@ class Supervisor:
                 )
                 core.cond.wait(self._timeout(wake, now))
 
-    def _restart_monitor(self, gen: Generation) -> AttemptFailed | None:
-        """The liveness stream ended on a healthy transport (a GOAWAY, say): open it again."""
+    def _restart_monitor(
+        self, gen: Generation, alive_at: float | None = None
+    ) -> AttemptFailed | None:
+        """Open ``gen``'s liveness monitor again: its stream ended on a healthy transport
+        (a GOAWAY, say; ``alive_at``: when a probe proved the server there), or a fork
+        stopped it (then the old monitor's last sign of life still counts)."""
         core = self.core
         old = gen.monitor
         old.stop()
         old.join(core.config.close_timeout)
+        now = core.clock()
+        deadline = now + core.config.attempt_timeout
+        if alive_at is None:
+            with core.cond:
+                alive_at = old.last_seen
+            if alive_at is not None:
+                # A restart is no sign of life: the server has until the old monitor's
+                # staleness deadline (at least a moment) to answer the new one.
+                stale_at = alive_at + core.config.keepalive_stale_after
+                deadline = min(deadline, max(now + 0.1, stale_at))
         monitor, error = self.dialer.establish(
-            gen.channel, core.clock() + core.config.attempt_timeout, previous=old
+            gen.channel, deadline, previous=old, alive_at=alive_at
         )
         if monitor is None:
             return error  # gen keeps the old monitor; _retire counts its keep-alives
@@ -632,7 +649,10 @@ class Supervisor:
                 if settled_in <= 0 and not core.fork_hold:
                     break
                 core.cond.wait(min(max(settled_in, 0.0), _HEARTBEAT))
-        return self._restart_monitor(gen)
+        failure = self._restart_monitor(gen)
+        if isinstance(failure, Interrupted):
+            return None  # another fork: the monitor is STOPPED, _next pauses again
+        return failure
 
     def _lose(self, gen: Generation, reason: str, exc: BaseException | None = None) -> None:
         """``gen`` is lost: RECONNECTING, and retire it (its calls finish as grpc ends them)."""

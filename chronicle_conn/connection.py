@@ -65,10 +65,15 @@ _AT_EXIT_TIMEOUT = 3.0
 def _close_at_exit() -> None:
     """At interpreter exit (a script ending, a gunicorn or uWSGI worker exiting): close
     the connections still open, so that the server sees the channel closed rather than
-    a socket dropped by a dying process. Bounded; a connection inherited across a fork
-    and never used in this process is not touched."""
+    a socket dropped by a dying process. Bounded (each ``close()`` itself by
+    ``close_timeout``); a connection not yet reset after a fork (uWSGI without Python's
+    fork hooks) is not touched: its channels are the parent's."""
     deadline = time.monotonic() + _AT_EXIT_TIMEOUT
-    for conn in list(_ALL):
+    try:
+        connections = list(_ALL)
+    except RuntimeError:  # another thread built one at this very moment
+        connections = list(_ALL)
+    for conn in connections:
         if time.monotonic() >= deadline:
             return
         if conn._pid == os.getpid() and not conn._core.closing:

@@ -215,7 +215,9 @@ class Connection:
         # At interpreter exit, waking supervisors to close channels while Python tears
         # itself down helps nobody.
         self._finalizer.atexit = False
-        if auto_connect:
+        # A uWSGI master that forks without Python's fork hooks must have no thread at
+        # the fork: dial in each worker instead (uwsgi.post_fork_hook, see _fork).
+        if auto_connect and _fork.uwsgi_problem() is None:
             with core.cond:
                 core.arm()
 

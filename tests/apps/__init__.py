@@ -1,0 +1,2 @@
+"""Applications that the server tests (``tests/test_servers.py``) run under real
+pre-forking servers (gunicorn, uWSGI)."""

@@ -17,10 +17,12 @@ channel: no state change, no reconnect); the child's connections start over on
 channels of their own (``Connection._after_fork``).
 
 uWSGI forks its workers with the C ``fork()``, which runs no Python fork hook unless the
-application asks (``py-call-uwsgi-fork-hooks``). Inside uWSGI, :func:`install` chains the
-child's reset onto ``uwsgi.post_fork_hook`` (which uWSGI calls in every new worker), and
+application asks (``py-call-uwsgi-fork-hooks``), and a worker forked while any thread of
+the master runs can hang before it runs any Python. Inside uWSGI, :func:`install` chains
+the child's reset onto ``uwsgi.post_fork_hook`` (which uWSGI calls in every new worker);
 a connection made in a master that forks without those hooks and without ``lazy-apps``
-logs a warning saying what to add: the master's own calls could be in flight at the fork.
+logs a warning and does not dial there (``Connection``): each worker's copy dials from
+that hook.
 
 Our hooks are registered after grpc's own (``GRPC_ENABLE_FORK_SUPPORT=1`` registers
 those lazily, with the first channel: :func:`install` makes grpc register first), so that
@@ -38,7 +40,16 @@ import weakref
 from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["QUIESCE_TIMEOUT", "Participant", "install", "register"]
+__all__ = [
+    "GRPC_THREADS_TIMEOUT",
+    "QUIESCE_TIMEOUT",
+    "Participant",
+    "fork_support_problem",
+    "install",
+    "on_child",
+    "register",
+    "uwsgi_problem",
+]
 
 #: The longest a fork waits for the library's own gRPC calls to end (all connections
 #: together), seconds. Normally a few milliseconds.

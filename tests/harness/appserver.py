@@ -737,6 +737,8 @@ def _wait_refused(host: str, port: int, timeout: float) -> None:
                 return
             except ConnectionResetError:
                 pass  # it was in the backlog of the closing listener: try once more
+            except TimeoutError:
+                pass  # no answer within 1 s (a busy machine, a closing listener): again
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{host}:{port} still accepts connections after {timeout}s")
         pause.wait(0.002)

@@ -648,8 +648,10 @@ def test_close_inside_listener_does_not_deadlock(devserver):
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 @pytest.mark.timeout(60)
-def test_stub_made_before_fork_works_in_child(make_conn, devserver, recorder):
-    conn = make_conn(plaintext(devserver.address), auto_connect=False, **FAST)
+def test_stub_made_before_fork_works_in_child(make_conn, kernel, recorder):
+    # The kernel in a process of its own: a gRPC server in this process would be inside
+    # gRPC at the fork (its own threads), which makes gRPC skip its fork handlers.
+    conn = make_conn(plaintext(kernel.address), auto_connect=False, **FAST)
     conn.add_listener(recorder)
     connect(conn, recorder)
     stub = host_pb2_grpc.ServerStub(conn.channel())

@@ -15,7 +15,6 @@ executed exactly once.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -28,6 +27,7 @@ import pytest
 
 import chronicle_conn as cc
 from chronicle_conn import _fork
+from tests.harness import forker
 from tests.harness.appserver import WorkStub, work_request, work_response
 from tests.helpers import plaintext
 
@@ -40,31 +40,8 @@ _SKIPPED = "skipping fork() handlers"
 
 
 def _forker(address: str, run_id: str, *args: str, support: str | None) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if k != "GRPC_ENABLE_FORK_SUPPORT"}
-    env["GRPC_VERBOSITY"] = "info"  # grpc then says when it skips its fork handlers
-    if support is not None:
-        env["GRPC_ENABLE_FORK_SUPPORT"] = support
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.harness.forker",
-            "--address",
-            address,
-            "--run-id",
-            run_id,
-            *args,
-        ],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0, f"forker failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
-    assert lines, proc.stdout[-2000:]
-    result: dict[str, Any] = json.loads(lines[-1][len("RESULT ") :])
+    result, proc = forker.run(address, run_id, list(args), support=support)
+    assert result is not None, f"forker failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
     result["skipped_handlers"] = proc.stderr.count(_SKIPPED)
     result["stderr_tail"] = proc.stderr[-2000:]
     return result

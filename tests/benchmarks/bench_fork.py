@@ -13,14 +13,12 @@ work server (``tests.harness.appserver``, dev kernel flavor).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tests.harness import forker
 from tests.harness.appserver import AppServerProcess
 
 ROWS = {
@@ -39,31 +37,8 @@ COLUMNS = {
 
 
 def trial(address: str, run_id: str, args: list[str], support: str | None) -> dict[str, object]:
-    env = {k: v for k, v in os.environ.items() if k != "GRPC_ENABLE_FORK_SUPPORT"}
-    if support is not None:
-        env["GRPC_ENABLE_FORK_SUPPORT"] = support
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.harness.forker",
-            "--address",
-            address,
-            "--run-id",
-            run_id,
-            *args,
-        ],
-        env=env,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=Path(__file__).resolve().parents[2],
-    )
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        return {"outcomes": {f"forker exit {proc.returncode}": 1}}
-    return json.loads(lines[-1][len("RESULT ") :])  # type: ignore[no-any-return]
+    result, proc = forker.run(address, run_id, args, support=support, timeout=900)
+    return result or {"outcomes": {f"forker exit {proc.returncode}": 1}}
 
 
 def cell(result: dict[str, object], total: int) -> str:

@@ -38,15 +38,46 @@ import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 import chronicle_conn as cc
 from tests.harness.appserver import WorkStub, work_request, work_response
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(
+    address: str, run_id: str, args: list[str], *, support: str | None, timeout: float = 240
+) -> tuple[dict[str, Any] | None, subprocess.CompletedProcess[str]]:
+    """Run the forker in a fresh interpreter (grpc reads ``GRPC_ENABLE_FORK_SUPPORT``,
+    here ``support``, None for unset, when it is imported) with ``GRPC_VERBOSITY=info``
+    (grpc then says when it skips its fork handlers). Returns its result (None if it
+    failed) and the finished process."""
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_ENABLE_FORK_SUPPORT"}
+    env["GRPC_VERBOSITY"] = "info"
+    if support is not None:
+        env["GRPC_ENABLE_FORK_SUPPORT"] = support
+    argv = [sys.executable, "-m", "tests.harness.forker", "--address", address]
+    proc = subprocess.run(
+        [*argv, "--run-id", run_id, *args],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=_REPO_ROOT,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        return None, proc
+    return json.loads(lines[-1][len("RESULT ") :]), proc
 
 
 def _child(

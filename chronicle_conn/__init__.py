@@ -25,6 +25,7 @@ from .errors import (
     NotConnectedError,
     RegistryError,
     RetriesExhaustedError,
+    TlsError,
     UnknownNameError,
 )
 from .managed_channel import ManagedChannel
@@ -55,6 +56,7 @@ __all__ = [
     "RegistryError",
     "RetriesExhaustedError",
     "StateChange",
+    "TlsError",
     "UnknownNameError",
     "__version__",
     "registry",

@@ -7,8 +7,10 @@ One factory per connection; every generation and every candidate channel comes f
 from __future__ import annotations
 
 import ipaddress
+import re
+import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -21,15 +23,32 @@ import grpc._interceptor
 import grpc._utilities
 from grpc._cython import cygrpc  # type: ignore[attr-defined]  # untyped
 
+from ._log import QuietLog, _Silent
 from .config import ConnectionConfig
 from .connection_string import ConnectionString
 from .errors import ConfigurationError
 
-__all__ = ["ChannelFactory", "grpc_target"]
+if TYPE_CHECKING:
+    import ssl
+
+__all__ = ["ChannelFactory", "grpc_target", "token_url"]
+
+# The address grpc names in a failure: "ipv4:127.0.0.1:35000", "ipv6:[::1]:35000".
+_ADDRESS = re.compile(r"ipv[46]:(?:\[([0-9a-fA-F:.%]+)\]|([0-9.]+)):(\d+)")
 
 ConnectFun = Callable[[str, Sequence[tuple[str, Any]]], grpc.Channel]
 
 _LB_POLICIES = {"pick-first": "pick_first", "round-robin": "round_robin"}
+
+
+def token_url(cs: ConnectionString) -> str:
+    """The OAuth token endpoint: the first host, on ``authPort`` or the gRPC port;
+    https with TLS, http without (DESIGN.md section 4)."""
+    first = cs.hosts[0]
+    host = f"[{first.host}]" if first.is_ipv6 else first.host
+    port = cs.auth_port if cs.auth_port is not None else first.port
+    scheme = "https" if cs.tls_enabled else "http"
+    return f"{scheme}://{host}:{port}/connect/token"
 
 
 def _is_ip(host: str, version: int) -> bool:
@@ -72,21 +91,32 @@ def grpc_target(cs: ConnectionString) -> str:
     )
 
 
-def _read(path: str | None) -> bytes | None:
-    if path is None:
-        return None
-    with open(path, "rb") as handle:
-        return handle.read()
-
-
 class ChannelFactory:
-    """Makes fresh channels for one connection. Thread-safe; ``build()`` does not block."""
+    """Makes fresh channels for one connection. Thread-safe.
 
-    def __init__(self, config: ConnectionConfig) -> None:
+    Security is settled here, on the constructing thread: the TLS files are read and
+    checked, and credentials become call credentials (TLS) or an interceptor
+    (plaintext) that every channel carries. Only ``build()`` with ``skipTlsValidation``
+    and :meth:`authenticate` do I/O, on the supervisor thread.
+
+    Args:
+        config: the connection's configuration.
+        log: the connection's logger.
+        label: the connection's label (for thread names).
+
+    Raises:
+        ConfigurationError: a TLS file cannot be read or used (naming the file), or the
+            hosts cannot form one gRPC target.
+    """
+
+    def __init__(self, config: ConnectionConfig, *, log: Any = None, label: str = "") -> None:
         cs = config.connection_string
         self.target = grpc_target(cs)
+        self._cs = cs
+        self._log: Any = log if log is not None else QuietLog(_Silent())
         self._connect_fun: ConnectFun | None = config.connect_fun
         self._disconnect_fun = config.disconnect_fun
+        self._attempt_timeout = config.attempt_timeout
         policy = config.policy
         lb_policy = _LB_POLICIES[cs.load_balancer]
         service_config: dict[str, Any] = {"loadBalancingConfig": [{lb_policy: {}}]}
@@ -106,27 +136,198 @@ class ChannelFactory:
         ]
         # The user's options come last so that they win.
         self.options: tuple[tuple[str, Any], ...] = (*own, *config.grpc_options)
-        self._credentials: grpc.ChannelCredentials | None = None
-        if cs.tls_enabled:
-            if cs.skip_tls_validation or cs.certificate_password is not None:
-                raise ConfigurationError(
-                    "skipTlsValidation and PKCS#12 certificates are not supported by this "
-                    "version yet",
-                    option="skipTlsValidation" if cs.skip_tls_validation else "certificatePassword",
-                )
-            self._credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read(cs.ca_path),
-                private_key=_read(cs.key_path),
-                certificate_chain=_read(cs.certificate_path),
-            )
+        self._user_name_override = any(
+            key == "grpc.ssl_target_name_override" for key, _ in config.grpc_options
+        )
+        self.tls = cs.tls_enabled
+        self.material: Any = None  # _tls.TlsMaterial when TLS is on
+        # On the constructing thread: the supervisor uses it to diagnose failures.
+        from . import _tls  # noqa: PLC0415 - not worth its import time for the package
 
-    def build(self) -> grpc.Channel:
-        """Return a new, unconnected channel to the target."""
+        self._tls_module: Any = _tls
+        if cs.tls_enabled:
+            self.material = _tls.load_material(
+                ca_path=cs.ca_path,
+                certificate_path=cs.certificate_path,
+                key_path=cs.key_path,
+                certificate_password=cs.certificate_password,
+            )
+        self.token_source: Any = None  # _auth.TokenSource with client credentials
+        self._call_credentials: grpc.CallCredentials | None = None
+        self._interceptor: Any = None
+        headers = self._headers_function(cs, config.attempt_timeout, label)
+        if headers is not None:
+            from . import _auth  # noqa: PLC0415
+
+            if cs.tls_enabled and self._connect_fun is None:
+                self._call_credentials = _auth.call_credentials(headers)
+            else:
+                self._interceptor = _auth.MetadataInterceptor(headers)
+        self._credentials: grpc.ChannelCredentials | None = None
+        if cs.tls_enabled and not cs.skip_tls_validation:
+            self._credentials = self._channel_credentials(self.material.root_certificates)
+
+    def _headers_function(
+        self, cs: ConnectionString, timeout: float, label: str
+    ) -> Callable[[], Sequence[tuple[str, str]]] | None:
+        """What every call carries: ``api-key``, a bearer token, or nothing."""
+        if cs.api_key is not None:
+            api_key = (("api-key", cs.api_key),)
+            return lambda: api_key
+        if cs.client_id is None or cs.auth == "none":
+            return None
+        from . import _auth  # noqa: PLC0415
+
+        source = _auth.TokenSource(
+            token_url(cs),
+            cs.client_id,
+            cs.client_secret,
+            context=self._token_context(cs) if cs.tls_enabled else None,
+            timeout=timeout,
+            log=self._log,
+            label=label,
+        )
+        self.token_source = source
+
+        def bearer() -> Sequence[tuple[str, str]]:
+            header = source.header()
+            return (("authorization", header),) if header is not None else ()
+
+        return bearer
+
+    def _token_context(self, cs: ConnectionString) -> ssl.SSLContext:
+        """TLS for the token endpoint: the channel's trust and client certificate."""
+        import ssl  # noqa: PLC0415
+
+        context = ssl.create_default_context(cafile=cs.ca_path)
+        if cs.skip_tls_validation:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        material = self.material
+        if material is not None and material.has_client_certificate:
+            self._tls_module.load_client_certificate(context, material)
+        return context
+
+    def _channel_credentials(self, roots: bytes | None) -> grpc.ChannelCredentials:
+        material = self.material
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=roots,
+            private_key=material.private_key,
+            certificate_chain=material.certificate_chain,
+        )
+        if self._call_credentials is not None:
+            credentials = grpc.composite_channel_credentials(credentials, self._call_credentials)
+        return credentials
+
+    @property
+    def refused(self) -> BaseException | None:
+        """The credentials were refused while renewing the token (then give up)."""
+        source = self.token_source
+        return source.refused if source is not None else None
+
+    def build(self, deadline: float | None = None) -> grpc.Channel:
+        """Return a new, unconnected channel to the target.
+
+        Does not block, except with ``skipTlsValidation``: then it asks the server for
+        its certificate (bounded by ``deadline``, a ``time.monotonic()`` value) and pins
+        it, with a warning event each time.
+
+        Raises:
+            OSError: ``skipTlsValidation`` and the server's certificate could not be had.
+        """
         if self._connect_fun is not None:
-            return self._connect_fun(self.target, self.options)
-        if self._credentials is None:
-            return grpc.insecure_channel(self.target, options=self.options)
-        return grpc.secure_channel(self.target, self._credentials, options=self.options)
+            channel = self._connect_fun(self.target, self.options)
+        elif not self.tls:
+            channel = grpc.insecure_channel(self.target, options=self.options)
+        elif self._cs.skip_tls_validation:
+            channel = self._pinned_channel(deadline)
+        else:
+            assert self._credentials is not None
+            channel = grpc.secure_channel(self.target, self._credentials, options=self.options)
+        if self._interceptor is not None:
+            channel = grpc.intercept_channel(channel, self._interceptor)
+        return channel
+
+    def _pinned_channel(self, deadline: float | None) -> grpc.Channel:
+        """``skipTlsValidation``: trust exactly the certificate the server presents now,
+        under a name it carries. A host that does not answer is skipped; all failing
+        raises the last error."""
+        tls = self._tls_module
+        error: OSError = OSError("no host to ask for its certificate")
+        for endpoint in self._cs.hosts:
+            remaining = self._attempt_timeout if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                info = tls.fetch_certificate(endpoint.host, endpoint.port, remaining)
+            except (OSError, ValueError) as exc:
+                error = exc if isinstance(exc, OSError) else OSError(str(exc))
+                continue
+            name = tls.target_name(endpoint.host, info.names)
+            self._log.warning(
+                "tls_validation_skipped",
+                host=str(endpoint),
+                certificate_for=", ".join(info.names) or "unknown",
+                hint="skipTlsValidation=true trusts whatever certificate the server presents",
+            )
+            options = self.options
+            if name is not None and name != endpoint.host and not self._user_name_override:
+                options = (*options, ("grpc.ssl_target_name_override", name))
+            credentials = self._channel_credentials(info.pem)
+            return grpc.secure_channel(self.target, credentials, options=options)
+        raise OSError(f"skipTlsValidation: could not fetch the server's certificate: {error}")
+
+    def authenticate(self, deadline: float) -> None:
+        """Have a token at hand before the channel is used (client credentials only).
+
+        Raises:
+            AuthenticationError: the token endpoint refused the credentials.
+            TokenUnavailable (``_auth``): the endpoint could not be asked; try again.
+        """
+        if self.token_source is not None:
+            self.token_source.ensure(deadline)
+
+    def diagnose(self, details: str, deadline: float) -> str | None:
+        """What is wrong with the configuration, after an attempt failed with grpc's
+        ``details`` (a TLS handshake failure, a connection closed at once), or None if
+        retrying may help. May handshake with the server (bounded by ``deadline``)."""
+        if self._connect_fun is not None:
+            return None
+        host, port = self._failed_address(details)
+        tls = self._tls_module
+        material = self.material if self.material is not None else tls.TlsMaterial()
+        server_name = dict(self.options).get("grpc.ssl_target_name_override")
+        problem: str | None = tls.diagnose(
+            details,
+            host=host,
+            port=port,
+            tls=self.tls,
+            material=material,
+            ca_path=self._cs.ca_path,
+            server_name=server_name,
+            timeout=max(0.05, min(2.0, deadline - time.monotonic())),
+            shown=str(self._cs.hosts[0]) if len(self._cs.hosts) == 1 else None,
+        )
+        return problem
+
+    def _failed_address(self, details: str) -> tuple[str, int]:
+        """The address grpc names in ``details`` (``ipv4:127.0.0.1:35000``), else the
+        first host."""
+        match = _ADDRESS.search(details)
+        if match is not None:
+            return match.group(1) or match.group(2), int(match.group(3))
+        first = self._cs.hosts[0]
+        return first.host, first.port
+
+    def close(self) -> None:
+        """Stop renewing the token."""
+        if self.token_source is not None:
+            self.token_source.close()
+
+    def fork_child(self) -> None:
+        """In a forked child: the token source gets a fresh lock and thread."""
+        if self.token_source is not None:
+            self.token_source.fork_child()
 
     def dispose(self, channel: grpc.Channel, *, unavailable: str | None = None) -> None:
         """Close ``channel`` (through ``disconnect_fun`` when one is configured).
@@ -137,6 +338,8 @@ class ChannelFactory:
         the channel is one of grpc's own. Fast: the library's channels have no
         connectivity poller to wait for.
         """
+        if self._interceptor is not None and isinstance(channel, grpc._interceptor._Channel):
+            channel = channel._channel  # the one build() made, and disconnect_fun knows
         if self._disconnect_fun is not None:
             self._disconnect_fun(channel)
             return

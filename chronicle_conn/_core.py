@@ -28,6 +28,7 @@ from ._generation import Generation
 from ._log import QuietLog
 from .config import ConnectionConfig
 from .errors import (
+    ChronicleConnError,
     ConnectionClosedError,
     ConnectTimeoutError,
     NotConnectedError,
@@ -88,6 +89,8 @@ class Core:
         self.waiters = 0  # threads in wait_connected()
         self.demand_until = -math.inf  # recent fail-fast demand lasts until then
         self.exhaustions = 0  # bumped each time a budget runs out
+        #: Why the last FAILED came at once (TLS misconfigured, credentials refused).
+        self.refusal: ChronicleConnError | None = None
         self.last_error: str | None = None
         self.last_exc: BaseException | None = None
         self.current_delay: float | None = None
@@ -248,6 +251,8 @@ class Core:
                         f"connection {self.label} was closed while waiting to connect",
                         state=_S.CLOSED,
                     )
+                if self.exhaustions != seen and self.refusal is not None:
+                    raise type(self.refusal)(str(self.refusal)) from None
                 if self.exhaustions != seen:
                     attempts = self.config.policy.max_attempts or 0
                     raise RetriesExhaustedError(

@@ -21,6 +21,7 @@ servicer, grpc/grpc#43403).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,8 +34,9 @@ from ._generation import Generation
 from ._liveness import AUTO_ORDER, Monitor, MonitorStatus, describe, make_monitor, rpc_status
 from ._version import __version__
 from .config import LivenessMode
+from .errors import AuthenticationError, ChronicleConnError, TlsError
 
-__all__ = ["AttemptFailed", "Dialer", "Interrupted", "Unreachable"]
+__all__ = ["AttemptFailed", "Dialer", "Interrupted", "Refused", "Unreachable"]
 
 #: How often health and transport monitors probe, at most (see ``Dialer.probe_interval``).
 PROBE_INTERVAL = 1.0
@@ -47,6 +49,15 @@ class AttemptFailed(Exception):
 
 class Unreachable(AttemptFailed):
     """A probe came back ``UNAVAILABLE``: the transport is down."""
+
+
+class Refused(AttemptFailed):
+    """A failure retrying cannot fix (TLS misconfigured, credentials refused): the
+    connection goes FAILED at once and waiters get ``error``."""
+
+    def __init__(self, error: ChronicleConnError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class Interrupted(AttemptFailed):
@@ -95,13 +106,20 @@ class Dialer:
         """Dial once: a Generation (connected, liveness established) or why not."""
         core = self._core
         deadline = core.clock() + self._attempt_timeout
+        wall_deadline = time.monotonic() + self._attempt_timeout  # for socket timeouts
         try:
-            channel = self._factory.build()
+            channel = self._factory.build(wall_deadline)
+        except OSError as exc:  # skipTlsValidation: the server's certificate
+            return Unreachable(str(exc))
         except Exception as exc:
             return AttemptFailed(f"could not build the channel: {exc!r}")
         failure: AttemptFailed | None
         try:
             failure = self.probe(channel, deadline, readiness=True)
+            if isinstance(failure, Unreachable):
+                failure = self._diagnosed(failure, wall_deadline)
+            if failure is None:
+                failure = self._authenticate(wall_deadline)
             if failure is None:
                 monitor, failure = self.establish(channel, deadline)
                 if monitor is not None:
@@ -110,6 +128,31 @@ class Dialer:
             failure = AttemptFailed(f"attempt {number} failed: {exc!r}")
         self.dispose(channel)
         return failure or AttemptFailed("attempt failed")
+
+    def _diagnosed(self, failure: Unreachable, deadline: float) -> AttemptFailed:
+        """A transport failure that is really a configuration mistake (TLS against a
+        plaintext server, an untrusted certificate...) becomes :class:`Refused`."""
+        details = str(failure)
+        if not _looks_misconfigured(details):
+            return failure
+        try:
+            problem = self._factory.diagnose(details, deadline)
+        except Exception as exc:  # a diagnosis must never break an attempt
+            self._core.log.debug("tls_diagnosis_failed", error=repr(exc))
+            return failure
+        if problem is None:
+            return failure
+        return Refused(TlsError(problem))
+
+    def _authenticate(self, deadline: float) -> AttemptFailed | None:
+        """Client credentials: a token before the first call that needs one."""
+        try:
+            self._factory.authenticate(deadline)
+        except AuthenticationError as exc:
+            return Refused(exc)
+        except Exception as exc:  # the endpoint is down or answered nonsense: retry
+            return AttemptFailed(str(exc))
+        return None
 
     def dispose(self, channel: grpc.Channel, *, unavailable: str | None = None) -> None:
         """Close a channel (never raises: a failure is logged)."""
@@ -253,6 +296,8 @@ class Dialer:
                 with core.cond:
                     core.cond.wait_for(monitor.quiet, _CANCEL_WAIT)
                 return None, Interrupted()
+            if monitor.code is grpc.StatusCode.UNAUTHENTICATED:
+                return None, Refused(AuthenticationError(self._refused_message(error)))
             if status is MonitorStatus.UNSUPPORTED:
                 core.log.debug("liveness_unsupported", mode=candidate.value, error=error)
                 last = error
@@ -264,6 +309,38 @@ class Dialer:
                 return None, AttemptFailed(f"{candidate.value}: no answer within {waited:.1f}s")
             return None, AttemptFailed(error or f"{candidate.value} failed")
         return None, AttemptFailed(f"no liveness mode available: {last}")
+
+    def _refused_message(self, error: str | None) -> str:
+        cs = self._core.config.connection_string
+        said = f" ({error})" if error else ""
+        if cs.api_key is not None:
+            return f"the server refused the apiKey{said}: check the key"
+        if cs.client_id is not None and cs.auth != "none":
+            return (
+                f"the server refused the token of client {cs.client_id!r}{said}: check that "
+                "the client may use this server"
+            )
+        return (
+            f"the server requires credentials{said}: give client credentials "
+            "(chronicle://client_id:secret@host) or apiKey"
+        )
+
+
+# grpc's words for a connection that failed in a way a configuration may explain.
+_MISCONFIGURED = (
+    "TLS",
+    "SSL",
+    "HANDSHAKE",
+    "CERTIFICATE",
+    "VERIFICATION",
+    "SOCKET CLOSED",
+    "CONNECTION RESET",
+)
+
+
+def _looks_misconfigured(details: str) -> bool:
+    text = details.upper()
+    return any(word in text for word in _MISCONFIGURED)
 
 
 def _settled(core: Core, monitor: Monitor) -> bool:

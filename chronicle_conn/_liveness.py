@@ -162,6 +162,8 @@ class Monitor:
         # Guarded by cond:
         self.status = MonitorStatus.PENDING
         self.error: str | None = None
+        #: The status code that ended the stream, if one did (UNAUTHENTICATED: refused).
+        self.code: grpc.StatusCode | None = None
         self.last_seen: float | None = None
         self.received = 0  # keep-alives received (keepalive mode)
         #: Set when a sign says the transport may be gone; the supervisor verifies it.
@@ -329,6 +331,7 @@ class Monitor:
         with self._cond:
             if self._stopping:
                 return
+            self.code = code
             if self.status is MonitorStatus.PENDING:
                 if code in _UNSUPPORTED:
                     self.status = MonitorStatus.UNSUPPORTED

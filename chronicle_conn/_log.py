@@ -60,6 +60,9 @@ class QuietLog:
     def warning(self, event: str, **fields: Any) -> None:
         self._emit("warning", event, **fields)
 
+    def error(self, event: str, **fields: Any) -> None:
+        self._emit("error", event, **fields)
+
     def exception(self, event: str, **fields: Any) -> None:
         self._emit("exception", event, **fields)
 

@@ -26,12 +26,13 @@ from . import _fork
 from ._calls import CallError
 from ._channel_factory import ChannelFactory
 from ._core import Core
-from ._dialer import AttemptFailed, Dialer, Interrupted, Unreachable
+from ._dialer import AttemptFailed, Dialer, Interrupted, Refused, Unreachable
 from ._generation import Generation, park
 from ._liveness import Monitor, MonitorStatus
 from ._log import swallow
 from ._schedule import DelaySchedule, exponential
 from .config import LivenessMode, ReconnectPolicy
+from .errors import AuthenticationError, ChronicleConnError
 from .states import ConnectionState
 
 __all__ = ["Supervisor"]
@@ -110,6 +111,9 @@ class Supervisor:
         problem = _fork.register(self)
         if problem is not None:
             core.log.warning("fork_unprotected", reason=problem)
+        # A token renewal the endpoint refused: give the connection up (see _next).
+        if factory.token_source is not None:
+            factory.token_source.on_refused = self._wake
 
     # ------------------------------------------------------------------ other threads
 
@@ -121,6 +125,10 @@ class Supervisor:
         self._running = thread
         thread.start()
         return thread
+
+    def _wake(self) -> None:
+        with self.core.cond:
+            self.core.cond.notify_all()
 
     def close(self) -> None:
         """Close the connection: CLOSED, waiters and deferred calls fail, channels closed.
@@ -197,6 +205,7 @@ class Supervisor:
         self._call_suspect = None
         self._crashes = 0
         self._running = None
+        self.dialer.factory.fork_child()
         core.reset_after_fork()
 
     def _hold_locked(self) -> None:
@@ -315,6 +324,7 @@ class Supervisor:
                     core.ensure_thread()  # calls wait in the background for a channel
                 core.cond.notify_all()
         if stopping:
+            self.dialer.factory.close()
             if gen is not None:
                 self._retire(gen, "closed")
             self._close_all()
@@ -406,6 +416,9 @@ class Supervisor:
                 with core.cond:
                     core.counters.attempts -= 1
                 continue
+            if isinstance(result, Refused):
+                self._exhausted(schedule.counted, result, refused=result.error)
+                return None
             schedule.failed(core.clock())
             with core.cond:
                 core.counters.failed_attempts += 1
@@ -482,23 +495,45 @@ class Supervisor:
             if not sent:
                 gen.leave(True)
 
-    def _exhausted(self, attempts: int, error: AttemptFailed) -> None:
+    def _exhausted(
+        self, attempts: int, error: AttemptFailed, *, refused: ChronicleConnError | None = None
+    ) -> None:
+        """Give up: FAILED, waiters and deferred calls told. ``refused``: not because a
+        budget ran out but because retrying cannot help (waiters get that error)."""
         core = self.core
         with core.cond:
             if self._stopping():
                 return
             core.armed = False
             core.exhaustions += 1
+            core.refusal = refused
+            if refused is not None:
+                core.counters.failed_attempts += 1
+                core.last_error = str(error)
+                core.last_exc = error
+                core.current_delay = None
             core.transition(_S.FAILED, attempt=attempts, error=str(error))
             deferred = core.take_deferred()
-        for call in deferred:
-            call.finish(
-                grpc.StatusCode.UNAVAILABLE,
-                f"chronicle_conn: gave up connecting after {attempts} attempts; "
-                f"last error: {error}",
+        if refused is not None:
+            code = (
+                grpc.StatusCode.UNAUTHENTICATED
+                if isinstance(refused, AuthenticationError)
+                else grpc.StatusCode.UNAVAILABLE
             )
+            for call in deferred:
+                call.finish(code, f"chronicle_conn: {error}")
+        else:
+            for call in deferred:
+                call.finish(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"chronicle_conn: gave up connecting after {attempts} attempts; "
+                    f"last error: {error}",
+                )
         core.deliver()
-        core.log.warning("retries_exhausted", attempts=attempts, error=str(error))
+        if refused is not None:
+            core.log.error("connect_refused", error=str(error), kind=type(refused).__name__)
+        else:
+            core.log.warning("retries_exhausted", attempts=attempts, error=str(error))
         callback = core.config.on_retries_exhausted
         conn = core.owner()
         if callback is not None and conn is not None:
@@ -574,6 +609,9 @@ class Supervisor:
                 # hide them.
                 if monitor.status is MonitorStatus.LOST:
                     return _Act.LOST, monitor.error or "liveness lost"
+                refused = self.dialer.factory.refused
+                if refused is not None:
+                    return _Act.LOST, str(refused)
                 stale_at = monitor.deadline()
                 if stale_at is not None and now >= stale_at:
                     return _Act.STALE, _stale_reason(monitor, config.keepalive_stale_after)

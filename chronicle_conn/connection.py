@@ -189,7 +189,6 @@ class Connection:
             on_retries_exhausted=on_retries_exhausted,
             logger=logger,
         )
-        factory = ChannelFactory(config)
         # Deferred from the package import (they cost as much as the rest of it), and
         # imported now, on the constructing thread: never first by a background thread.
         _schedule.load()
@@ -198,6 +197,7 @@ class Connection:
         self._config = config
         self._label = name or f"{cs.hosts[0]}#{next(_sequence)}"
         log = connection_log(config.logger, connection=name or self._label, target=cs.redacted())
+        factory = ChannelFactory(config, log=log, label=self._label)
         self._core = core = Core(config, clock=clock, label=self._label, log=log)
         self._supervisor = Supervisor(core, factory, delay_factory=delay_factory)
         self._managed = ManagedChannel(core)

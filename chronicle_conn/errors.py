@@ -25,6 +25,7 @@ __all__ = [
     "NotConnectedError",
     "RegistryError",
     "RetriesExhaustedError",
+    "TlsError",
     "UnknownNameError",
 ]
 
@@ -90,7 +91,21 @@ class ConnectionClosedError(NotConnectedError):
 
 
 class AuthenticationError(ChronicleConnError):
-    """The server or the token endpoint refused the configured credentials."""
+    """The server or the token endpoint refused the configured credentials.
+
+    Retrying cannot fix that: the connection goes FAILED at once and ``connect()``
+    raises this (a later ``connect()`` tries again, in case the credentials were fixed).
+    """
+
+
+class TlsError(ChronicleConnError):
+    """A TLS connection cannot be made as configured: the server speaks plaintext (or
+    TLS to a plaintext client), its certificate is not trusted or is for another name,
+    or it refused the client certificate. The message says what to change.
+
+    Like :class:`AuthenticationError`, the connection goes FAILED at once; a server
+    that is merely down is retried as usual.
+    """
 
 
 class RegistryError(ChronicleConnError):

@@ -664,8 +664,13 @@ class ConnectionString:
 
     @classmethod
     def development(cls) -> ConnectionString:
-        """Return :meth:`default` with the kernel's development client credentials."""
-        return cls.default().with_credentials(DEVELOPMENT_CLIENT_ID, DEVELOPMENT_CLIENT_SECRET)
+        """Return :meth:`default` with the kernel's development client credentials and
+        ``skipTlsValidation=true`` (a development kernel serves a self-signed
+        certificate), as ``chronicle-conn dev-server --auth --tls`` expects."""
+        return dataclasses.replace(
+            cls.default().with_credentials(DEVELOPMENT_CLIENT_ID, DEVELOPMENT_CLIENT_SECRET),
+            skip_tls_validation=True,
+        )
 
     def with_credentials(self, client_id: str, secret: str | None = None) -> ConnectionString:
         """Return a copy with these client credentials (replacing any).

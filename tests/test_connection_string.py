@@ -144,9 +144,15 @@ def test_default_and_development() -> None:
     assert dev.client_id == DEVELOPMENT_CLIENT_ID
     assert dev.client_secret == DEVELOPMENT_CLIENT_SECRET
     assert dev.hosts == default.hosts
-    assert dataclasses.replace(dev, client_id=None, client_secret=None) == default
-    assert str(dev) == "chronicle://chronicle-dev-client:***@localhost:35000"
-    assert full(dev) == "chronicle://chronicle-dev-client:chronicle-dev-secret@localhost:35000"
+    # A development kernel's certificate is self-signed.
+    assert dev.skip_tls_validation is True
+    plain = dataclasses.replace(dev, client_id=None, client_secret=None, skip_tls_validation=False)
+    assert plain == default
+    assert str(dev) == "chronicle://chronicle-dev-client:***@localhost:35000?skipTlsValidation=true"
+    assert full(dev) == (
+        "chronicle://chronicle-dev-client:chronicle-dev-secret@localhost:35000"
+        "?skipTlsValidation=true"
+    )
     assert dev.authentication_mode is AuthenticationMode.CLIENT_CREDENTIALS
 
 

@@ -9,6 +9,16 @@ with cc.Connection("chronicle://localhost:35000?disableTls=true") as conn:
 
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+# grpc prints a line on stderr for every failed TLS handshake (INFO: "Handshake failed
+# ...") unless GRPC_VERBOSITY says otherwise; the library reports the reason itself, in
+# one event and in the exception. ERROR is grpc's documented default: set it only when
+# nobody chose a level and grpc, which reads it once, is not imported yet.
+if "grpc" not in _sys.modules:
+    _os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from ._calls import CallError
 from ._version import __version__
 from .config import ConnectionConfig, LivenessMode, ReconnectPolicy

@@ -423,8 +423,32 @@ def diagnose(
             "development kernel"
         )
     if "SOCKET CLOSED" in text or "CONNECTION RESET" in text or "HANDSHAKE" in text:
-        return _client_certificate_refused(host, port, material, server_name, timeout, where)
+        refused = _client_certificate_refused(host, port, material, server_name, timeout, where)
+        if refused is not None:
+            return refused
+        if _speaks_plaintext_h2(host, port, timeout):
+            # Some servers (grpc-go behind cmux, as etcd) close a TLS connection at once.
+            return (
+                f"the server at {where} speaks plaintext, not TLS: add disableTls=true to "
+                "the connection string (or enable TLS on the server)"
+            )
     return None
+
+
+def _speaks_plaintext_h2(host: str, port: int, timeout: float) -> bool:
+    """Does ``host:port`` answer an HTTP/2 preface in plaintext with a SETTINGS frame?"""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(_H2_PREFACE)
+            header = b""
+            while len(header) < 9:
+                chunk = sock.recv(9 - len(header))
+                if not chunk:
+                    return False
+                header += chunk
+    except OSError:
+        return False
+    return header[3] == 0x04  # the frame type: SETTINGS
 
 
 def _after(details: str, marker: str) -> str:

@@ -417,3 +417,45 @@ def test_a_server_that_is_down_is_retried_as_before() -> None:
     with conn, pytest.raises(cc.RetriesExhaustedError):
         conn.connect(timeout=20)
     assert conn.stats().failed_attempts == 3
+
+
+# ---------------------------------------------------------------------------- a Go server
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "etcd_tls",
+    [pytest.param(True, id="etcd-tls"), pytest.param(False, id="etcd-plaintext")],
+)
+def test_against_etcd_the_mistakes_are_named_as_against_grpcio(
+    etcd_tls, ca, files, tmp_path
+) -> None:
+    """etcd (Debian's etcd-server, grpc-go): the same sentences, and the right
+    configuration connects."""
+    from tests.harness.etcd import EtcdProcess, require_etcd
+
+    tls = None
+    if etcd_tls:
+        cert = ca.issue_cert("localhost", "127.0.0.1")
+        cert_file, key_file = tmp_path / "etcd.pem", tmp_path / "etcd.key"
+        cert.cert_chain_pems[0].write_to_path(str(cert_file))
+        cert.private_key_pem.write_to_path(str(key_file))
+        tls = (str(cert_file), str(key_file), files["ca"])
+    with EtcdProcess(binary=require_etcd(), tls=tls) as etcd:
+        etcd.start()
+        where = f"chronicle://localhost:{etcd.port}"
+        if etcd_tls:
+            mistakes = [
+                (f"{where}?disableTls=true", "speaks TLS, not plaintext"),
+                (where, "is not trusted by the default root certificates"),
+            ]
+            right = f"{where}?caPath={files['ca']}"
+        else:
+            mistakes = [(where, "speaks plaintext, not TLS")]
+            right = f"{where}?disableTls=true"
+        for text, words in mistakes:
+            with cc.Connection(text) as conn:
+                assert words in str(_refused(conn, cc.TlsError))
+        with cc.Connection(right) as conn:
+            conn.connect(timeout=10)
+            _check(conn.channel())

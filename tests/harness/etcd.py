@@ -141,8 +141,11 @@ class EtcdProcess:
         host: str = "127.0.0.1",
         log_level: str = "warn",
         extra_args: Sequence[str] = (),
+        tls: tuple[str, str, str] | None = None,
     ) -> None:
         self.host = check_loopback(host)
+        #: (certificate file, key file, CA file): serve the client port over TLS.
+        self.tls = tls
         self._auto_port = port is None
         self.port = free_port(host) if port is None else int(port)
         found = binary or find_etcd()
@@ -203,8 +206,9 @@ class EtcdProcess:
 
     def build_argv(self) -> list[str]:
         """The child's command line for the current ports and data directory."""
-        client = f"http://{self.address}"
+        client = f"{'https' if self.tls else 'http'}://{self.address}"
         peer = f"http://{_bracket(self.host)}:{self.peer_port}"
+        tls_args = (f"--cert-file={self.tls[0]}", f"--key-file={self.tls[1]}") if self.tls else ()
         return [
             self.binary,
             "--name=chronicle-test",
@@ -220,6 +224,7 @@ class EtcdProcess:
             f"--log-level={self.log_level}",
             "--enable-grpc-gateway=false",  # else etcd dials its own client port
             *_FAST_ELECTION,
+            *tls_args,
             *self.extra_args,
         ]
 
@@ -314,7 +319,12 @@ class EtcdProcess:
         deadline = time.monotonic() + timeout
         last = "no answer"
         pause = threading.Event()  # never set: a bounded pause after a quick failure
-        channel = grpc.insecure_channel(self.address, options=_PROBE_OPTIONS)
+        if self.tls is None:
+            channel = grpc.insecure_channel(self.address, options=_PROBE_OPTIONS)
+        else:
+            roots = Path(self.tls[2]).read_bytes()
+            credentials = grpc.ssl_channel_credentials(roots)
+            channel = grpc.secure_channel(self.address, credentials, options=_PROBE_OPTIONS)
         try:
             stub = health_pb2_grpc.HealthStub(channel)
             request = health_pb2.HealthCheckRequest(service="")

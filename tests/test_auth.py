@@ -201,9 +201,7 @@ def test_a_short_lived_token_turns_over_under_steady_calls_without_one_failure(
 
 
 @pytest.mark.timeout(30)
-def test_wrong_credentials_are_an_authentication_error_within_a_second_or_two(
-    pki, closing
-) -> None:
+def test_wrong_credentials_are_an_authentication_error_within_a_second_or_two(pki, closing) -> None:
     server, endpoint, _ = _token_setup(False, pki, closing)
     text = _string(server, False, pki, f"&authPort={endpoint.port}")
     conn = cc.Connection(text.format(userinfo="shop:not-the-secret@"), retry_attempts=None)
@@ -290,9 +288,7 @@ def test_auth_none_sends_nothing(pki, closing) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_no_secret_in_any_event_repr_message_or_stats_through_a_whole_cycle(
-    pki, closing
-) -> None:
+def test_no_secret_in_any_event_repr_message_or_stats_through_a_whole_cycle(pki, closing) -> None:
     capture = Capture()
     structlog.configure(processors=[capture])
     try:

@@ -6,9 +6,11 @@
   turns over. The supervisor asks for the first one in each attempt
   (:meth:`TokenSource.ensure`); an endpoint that refuses the credentials (400/401/403) is
   :class:`~chronicle_conn.errors.AuthenticationError`, one that is down is retried.
-* :func:`call_credentials` (TLS channels: grpc's call credentials) and
-  :class:`MetadataInterceptor` (plaintext channels, where grpc refuses call
-  credentials) put the header on every call, the library's own liveness calls included.
+* :class:`MetadataInterceptor` puts the header on every call, the library's own
+  liveness calls included, on plaintext channels (where grpc refuses call credentials)
+  and TLS channels alike: grpc's call credentials run a Python plugin on another thread
+  for each call, which halved the throughput of 4 calling threads over TLS
+  (``tests/benchmarks/bench_auth.py``), for nothing a TLS channel needs.
 
 The token and the secrets never reach a log event, a ``repr()`` or a message.
 Imported on a constructing thread when a connection has credentials (urllib is not
@@ -38,7 +40,6 @@ __all__ = [
     "MetadataInterceptor",
     "TokenSource",
     "TokenUnavailable",
-    "call_credentials",
 ]
 
 #: Renew this long before the token expires...
@@ -283,26 +284,6 @@ def _oauth_error(exc: urllib.error.HTTPError) -> str:
 Headers = Callable[[], Sequence[tuple[str, str]]]
 
 
-class _Plugin(grpc.AuthMetadataPlugin):
-    def __init__(self, headers: Headers) -> None:
-        self._headers = headers
-
-    def __call__(
-        self, context: grpc.AuthMetadataContext, callback: grpc.AuthMetadataPluginCallback
-    ) -> None:
-        try:
-            metadata = tuple(self._headers())
-        except Exception as exc:  # the call fails, as grpc does for a failing plugin
-            callback((), exc)
-            return
-        callback(metadata, None)
-
-
-def call_credentials(headers: Headers) -> grpc.CallCredentials:
-    """Call credentials that add ``headers()`` to every call (TLS channels only)."""
-    return grpc.metadata_call_credentials(_Plugin(headers), name="chronicle_conn")
-
-
 class _Details(NamedTuple):
     method: str
     timeout: float | None
@@ -318,8 +299,8 @@ class MetadataInterceptor(
     grpc.StreamUnaryClientInterceptor,
     grpc.StreamStreamClientInterceptor,
 ):
-    """Adds ``headers()`` to every call (plaintext channels, where grpc refuses call
-    credentials). A header the caller already set on a call is left as it is."""
+    """Adds ``headers()`` to every call. A header the caller already set on a call is
+    left as it is."""
 
     def __init__(self, headers: Headers) -> None:
         self._headers = headers

@@ -95,9 +95,9 @@ class ChannelFactory:
     """Makes fresh channels for one connection. Thread-safe.
 
     Security is settled here, on the constructing thread: the TLS files are read and
-    checked, and credentials become call credentials (TLS) or an interceptor
-    (plaintext) that every channel carries. Only ``build()`` with ``skipTlsValidation``
-    and :meth:`authenticate` do I/O, on the supervisor thread.
+    checked, and credentials become an interceptor that every channel carries. Only
+    ``build()`` with ``skipTlsValidation`` and :meth:`authenticate` do I/O, on the
+    supervisor thread.
 
     Args:
         config: the connection's configuration.
@@ -153,16 +153,15 @@ class ChannelFactory:
                 certificate_password=cs.certificate_password,
             )
         self.token_source: Any = None  # _auth.TokenSource with client credentials
-        self._call_credentials: grpc.CallCredentials | None = None
         self._interceptor: Any = None
         headers = self._headers_function(cs, config.attempt_timeout, label)
         if headers is not None:
             from . import _auth  # noqa: PLC0415
 
-            if cs.tls_enabled and self._connect_fun is None:
-                self._call_credentials = _auth.call_credentials(headers)
-            else:
-                self._interceptor = _auth.MetadataInterceptor(headers)
+            # An interceptor on TLS channels too, not grpc call credentials: those run a
+            # Python plugin on another thread for every call, which halved the
+            # throughput of 4 calling threads (tests/benchmarks/bench_auth.py).
+            self._interceptor = _auth.MetadataInterceptor(headers)
         self._credentials: grpc.ChannelCredentials | None = None
         if cs.tls_enabled and not cs.skip_tls_validation:
             self._credentials = self._channel_credentials(self.material.root_certificates)
@@ -210,14 +209,11 @@ class ChannelFactory:
 
     def _channel_credentials(self, roots: bytes | None) -> grpc.ChannelCredentials:
         material = self.material
-        credentials = grpc.ssl_channel_credentials(
+        return grpc.ssl_channel_credentials(
             root_certificates=roots,
             private_key=material.private_key,
             certificate_chain=material.certificate_chain,
         )
-        if self._call_credentials is not None:
-            credentials = grpc.composite_channel_credentials(credentials, self._call_credentials)
-        return credentials
 
     @property
     def refused(self) -> BaseException | None:

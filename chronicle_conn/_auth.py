@@ -137,11 +137,15 @@ class TokenSource:
             self._store(self._fetch(max(0.05, deadline - time.monotonic())))
         self._start()
 
-    def close(self) -> None:
-        """Stop renewing (the thread ends within a moment)."""
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop renewing, and wait up to ``timeout`` for the thread to end (a renewal
+        in progress finishes first, within the request timeout)."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def fork_child(self) -> None:
         """In a forked child: a fresh lock, and no thread (a new one starts on demand)."""

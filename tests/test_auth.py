@@ -161,6 +161,9 @@ def test_a_bearer_token_arrives_on_every_call(tls, pki, closing) -> None:
     assert gate.of(CONNECT) == [True]
     assert gate.of(VERSION) == [True] * 20
     assert endpoint.requests == [("shop", 200)]  # one token, cached
+    assert [t.name for t in conn._threads() if "token" in t.name]  # renewing...
+    conn.close()
+    assert conn._threads() == []  # ...until closed
 
 
 @pytest.mark.timeout(60)

@@ -14,8 +14,8 @@ import sys as _sys
 
 # grpc prints a line on stderr for every failed TLS handshake (INFO: "Handshake failed
 # ...") unless GRPC_VERBOSITY says otherwise; the library reports the reason itself, in
-# one event and in the exception. ERROR is grpc's documented default: set it only when
-# nobody chose a level and grpc, which reads it once, is not imported yet.
+# one event and in the exception. Set to ERROR only when nobody chose a level and grpc,
+# which reads it once, is not imported yet (README: Security).
 if "grpc" not in _sys.modules:
     _os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 

@@ -59,6 +59,9 @@ class _Token(NamedTuple):
     expires_at: float  # monotonic
     refresh_at: float  # monotonic
 
+    def __repr__(self) -> str:
+        return f"_Token(header='Bearer ***', expires_at={self.expires_at:.1f})"
+
 
 def _refresh_at(now: float, expires_in: float) -> float:
     """60 s before expiry, or at half-life for a token that lives less than 2 minutes."""
@@ -71,7 +74,8 @@ class TokenSource:
     """The OAuth2 client-credentials token of one connection.
 
     Args:
-        url: the token endpoint (``https://host:port/connect/token``).
+        urls: the token endpoint (``https://host:port/connect/token``) of each host, in
+            order: asked from the one that answered last, the others when it is down.
         client_id, client_secret: the client's credentials (the secret is never shown).
         context: the TLS context for https (None for http).
         timeout: bound on one request, seconds.
@@ -81,7 +85,7 @@ class TokenSource:
 
     def __init__(
         self,
-        url: str,
+        urls: Sequence[str],
         client_id: str,
         client_secret: str | None,
         *,
@@ -90,7 +94,10 @@ class TokenSource:
         log: Any = None,
         label: str = "",
     ) -> None:
-        self.url = url
+        if not urls:
+            raise ValueError("no token endpoint")
+        self.urls = tuple(urls)
+        self.url = self.urls[0]  # the one asked first (the last that answered)
         self.client_id = client_id
         self._secret = client_secret
         self._context = context
@@ -119,10 +126,17 @@ class TokenSource:
         token = self._token
         return token.header if token is not None else None
 
-    def ensure(self, deadline: float) -> None:
+    def needs_fetch(self) -> bool:
+        """Whether :meth:`ensure` would ask the endpoint (no token, or it expired)."""
+        token = self._token
+        return token is None or time.monotonic() >= token.expires_at
+
+    def ensure(self, deadline: float, *, fresh: bool = False) -> bool:
         """Make sure a token is at hand; fetch one (blocking until ``deadline``, a
-        ``time.monotonic()`` value) if there is none or it has expired. Starts the
-        renewing thread. Called by the supervisor in every attempt.
+        ``time.monotonic()`` value) if there is none, it has expired, or ``fresh`` (the
+        server refused the one we have: a restarted kernel forgets its tokens). Starts
+        the renewing thread. Called by the supervisor in every attempt. Returns whether
+        it fetched a new token.
 
         Raises:
             AuthenticationError: the endpoint refused the credentials.
@@ -130,12 +144,12 @@ class TokenSource:
         """
         with self._cond:
             token = self._token
-            refused = self.refused
-        if refused is not None:
             self.refused = None  # a new attempt asks again: the credentials may be fixed
-        if token is None or time.monotonic() >= token.expires_at or refused is not None:
+        fetched = fresh or token is None or time.monotonic() >= token.expires_at
+        if fetched:
             self._store(self._fetch(max(0.05, deadline - time.monotonic())))
         self._start()
+        return fetched
 
     def close(self, timeout: float = 1.0) -> None:
         """Stop renewing, and wait up to ``timeout`` for the thread to end (a renewal
@@ -160,12 +174,28 @@ class TokenSource:
             self._cond.notify_all()
 
     def _fetch(self, timeout: float) -> _Token:
+        """A new token from the endpoint that answered last, else the next ones."""
+        deadline = time.monotonic() + timeout
+        urls = (self.url, *(u for u in self.urls if u != self.url))
+        for index, url in enumerate(urls):
+            remaining = deadline - time.monotonic()
+            try:
+                token = self._fetch_from(url, max(0.05, remaining))
+            except TokenUnavailable:
+                if index == len(urls) - 1 or deadline - time.monotonic() <= 0.05:
+                    raise
+                continue
+            self.url = url
+            return token
+        raise TokenUnavailable("no token endpoint")  # not reached: urls is never empty
+
+    def _fetch_from(self, url: str, timeout: float) -> _Token:
         form = {"grant_type": "client_credentials", "client_id": self.client_id}
         if self._secret is not None:
             form["client_secret"] = self._secret
         body = urllib.parse.urlencode(form).encode("ascii")
         request = urllib.request.Request(
-            self.url,
+            url,
             data=body,
             method="POST",
             headers={
@@ -186,14 +216,14 @@ class TokenSource:
             exc.close()
             if status in (400, 401, 403):
                 raise AuthenticationError(
-                    f"the token endpoint {self.url} refused client {self.client_id!r} "
+                    f"the token endpoint {url} refused client {self.client_id!r} "
                     f"(HTTP {status}{': ' + error if error else ''}): check the client id "
                     "and secret"
                 ) from None
-            raise TokenUnavailable(f"token endpoint {self.url}: HTTP {status}") from None
+            raise TokenUnavailable(f"token endpoint {url}: HTTP {status}") from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", None) or exc
-            raise TokenUnavailable(f"token endpoint {self.url}: {reason}") from None
+            raise TokenUnavailable(f"token endpoint {url}: {reason}") from None
         try:
             answer = json.loads(payload)
             access = answer["access_token"]
@@ -204,13 +234,12 @@ class TokenSource:
                 raise ValueError("expires_in is not finite")
         except (ValueError, KeyError, TypeError, AttributeError):
             raise TokenUnavailable(
-                f"token endpoint {self.url}: the answer is not an OAuth token (JSON with "
-                "access_token)"
+                f"token endpoint {url}: the answer is not an OAuth token (JSON with access_token)"
             ) from None
         expires_in = max(_MIN_LIFETIME, expires_in)
         self.log.debug(
             "token_fetched",
-            url=self.url,
+            url=url,
             expires_in=expires_in,
             took_ms=round((time.monotonic() - started) * 1000, 1),
         )
@@ -229,6 +258,7 @@ class TokenSource:
 
     def _run(self) -> None:
         delay = _RETRY_FIRST
+        failures = 0
         while True:
             with self._cond:
                 while True:
@@ -244,6 +274,8 @@ class TokenSource:
                 fresh = self._fetch(self._timeout)
             except AuthenticationError as exc:
                 self.log.error("token_refused", url=self.url, error=str(exc))
+                with self._cond:
+                    self._token = None  # the next attempt asks again
                 self.refused = exc
                 callback = self.on_refused
                 if callback is not None:
@@ -254,11 +286,20 @@ class TokenSource:
             except TokenUnavailable as exc:
                 now = time.monotonic()
                 expires_at = token.expires_at if token is not None else now
-                # Again soon, but not past the expiry: a failed renewal of a token
-                # that is still good is no outage.
-                wait = min(delay, max(0.1, (expires_at - now) / 2)) * (0.9 + 0.2 * random.random())
+                # Backing off, but trying once more before a token that is still good
+                # expires (a failed renewal of a good token is no outage yet).
+                wait = delay
+                if expires_at > now:
+                    wait = min(wait, max(0.1, (expires_at - now) / 2))
+                wait *= 0.9 + 0.2 * random.random()
                 delay = min(delay * 2, _RETRY_MAX)
-                self.log.info("token_refresh_failed", error=str(exc), retry_in=round(wait, 2))
+                failures += 1
+                if failures == 1:
+                    self.log.warning("token_refresh_failed", error=str(exc))
+                else:
+                    self.log.debug(
+                        "token_refresh_failed", error=str(exc), failures=failures, retry_in=wait
+                    )
                 with self._cond:
                     if not self._closing and self._token is token:
                         self._token = token._replace(refresh_at=now + wait) if token else None
@@ -268,7 +309,10 @@ class TokenSource:
                 with self._cond:
                     self._cond.wait(_RETRY_MAX)
                 continue
+            if failures:
+                self.log.info("token_refreshed", after_failures=failures)
             delay = _RETRY_FIRST
+            failures = 0
             self.refreshes += 1
             self._store(fresh)
 

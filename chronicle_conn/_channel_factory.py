@@ -10,7 +10,7 @@ import ipaddress
 import re
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import grpc
 
@@ -31,24 +31,35 @@ from .errors import ConfigurationError
 if TYPE_CHECKING:
     import ssl
 
-__all__ = ["ChannelFactory", "grpc_target", "token_url"]
+__all__ = ["ChannelFactory", "grpc_target", "token_urls"]
 
 # The address grpc names in a failure: "ipv4:127.0.0.1:35000", "ipv6:[::1]:35000".
-_ADDRESS = re.compile(r"ipv[46]:(?:\[([0-9a-fA-F:.%]+)\]|([0-9.]+)):(\d+)")
+_ADDRESS = re.compile(r"ipv[46]:(?:(?:\[|%5B)([0-9a-fA-F:.%]+?)(?:\]|%5D)|([0-9.]+)):(\d+)")
 
 ConnectFun = Callable[[str, Sequence[tuple[str, Any]]], grpc.Channel]
 
 _LB_POLICIES = {"pick-first": "pick_first", "round-robin": "round_robin"}
 
 
-def token_url(cs: ConnectionString) -> str:
-    """The OAuth token endpoint: the first host, on ``authPort`` or the gRPC port;
-    https with TLS, http without (DESIGN.md section 4)."""
-    first = cs.hosts[0]
-    host = f"[{first.host}]" if first.is_ipv6 else first.host
-    port = cs.auth_port if cs.auth_port is not None else first.port
+class _Pin(NamedTuple):
+    """A certificate pinned for ``skipTlsValidation``, and the channel options for it."""
+
+    pem: bytes
+    options: tuple[tuple[str, Any], ...]
+
+
+def token_urls(cs: ConnectionString) -> list[str]:
+    """The OAuth token endpoint of each host, on ``authPort`` or the gRPC port; https
+    with TLS, http without (DESIGN.md section 4)."""
     scheme = "https" if cs.tls_enabled else "http"
-    return f"{scheme}://{host}:{port}/connect/token"
+    urls: list[str] = []
+    for endpoint in cs.hosts:
+        host = f"[{endpoint.host}]" if endpoint.is_ipv6 else endpoint.host
+        port = cs.auth_port if cs.auth_port is not None else endpoint.port
+        url = f"{scheme}://{host}:{port}/connect/token"
+        if url not in urls:
+            urls.append(url)
+    return urls
 
 
 def _is_ip(host: str, version: int) -> bool:
@@ -178,7 +189,7 @@ class ChannelFactory:
         from . import _auth  # noqa: PLC0415
 
         source = _auth.TokenSource(
-            token_url(cs),
+            token_urls(cs),
             cs.client_id,
             cs.client_secret,
             context=self._token_context(cs) if cs.tls_enabled else None,
@@ -216,27 +227,30 @@ class ChannelFactory:
         )
 
     @property
+    def pins(self) -> bool:
+        """Whether ``build()`` needs :meth:`fetch_pin` first (``skipTlsValidation``)."""
+        return self.tls and self._cs.skip_tls_validation and self._connect_fun is None
+
+    @property
     def refused(self) -> BaseException | None:
         """The credentials were refused while renewing the token (then give up)."""
         source = self.token_source
         return source.refused if source is not None else None
 
-    def build(self, deadline: float | None = None) -> grpc.Channel:
-        """Return a new, unconnected channel to the target.
+    def build(self, pin: Any = None) -> grpc.Channel:
+        """Return a new, unconnected channel to the target. Does not block.
 
-        Does not block, except with ``skipTlsValidation``: then it asks the server for
-        its certificate (bounded by ``deadline``, a ``time.monotonic()`` value) and pins
-        it, with a warning event each time.
-
-        Raises:
-            OSError: ``skipTlsValidation`` and the server's certificate could not be had.
+        ``pin``: with ``skipTlsValidation``, what :meth:`fetch_pin` found (required).
         """
         if self._connect_fun is not None:
             channel = self._connect_fun(self.target, self.options)
         elif not self.tls:
             channel = grpc.insecure_channel(self.target, options=self.options)
         elif self._cs.skip_tls_validation:
-            channel = self._pinned_channel(deadline)
+            if pin is None:
+                raise ValueError("skipTlsValidation: build() needs the pinned certificate")
+            credentials = self._channel_credentials(pin.pem)
+            channel = grpc.secure_channel(self.target, credentials, options=pin.options)
         else:
             assert self._credentials is not None
             channel = grpc.secure_channel(self.target, self._credentials, options=self.options)
@@ -244,18 +258,24 @@ class ChannelFactory:
             channel = grpc.intercept_channel(channel, self._interceptor)
         return channel
 
-    def _pinned_channel(self, deadline: float | None) -> grpc.Channel:
-        """``skipTlsValidation``: trust exactly the certificate the server presents now,
-        under a name it carries. A host that does not answer is skipped; all failing
-        raises the last error."""
+    def fetch_pin(self, deadline: float) -> _Pin:
+        """``skipTlsValidation``: the certificate a host presents now, to trust exactly
+        that under a name it carries (blocks, until ``deadline``, a ``time.monotonic()``
+        value). A host that does not answer is skipped. Logs a warning each time.
+
+        Raises:
+            OSError: no host presented a certificate (the last host's error).
+        """
         tls = self._tls_module
         error: OSError = OSError("no host to ask for its certificate")
         for endpoint in self._cs.hosts:
-            remaining = self._attempt_timeout if deadline is None else deadline - time.monotonic()
+            remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             try:
-                info = tls.fetch_certificate(endpoint.host, endpoint.port, remaining)
+                info = tls.fetch_certificate(
+                    endpoint.host, endpoint.port, remaining, material=self.material
+                )
             except (OSError, ValueError) as exc:
                 error = exc if isinstance(exc, OSError) else OSError(str(exc))
                 continue
@@ -269,32 +289,36 @@ class ChannelFactory:
             options = self.options
             if name is not None and name != endpoint.host and not self._user_name_override:
                 options = (*options, ("grpc.ssl_target_name_override", name))
-            credentials = self._channel_credentials(info.pem)
-            return grpc.secure_channel(self.target, credentials, options=options)
+            return _Pin(info.pem, options)
         raise OSError(f"skipTlsValidation: could not fetch the server's certificate: {error}")
 
-    def authenticate(self, deadline: float) -> None:
-        """Have a token at hand before the channel is used (client credentials only).
+    def authenticate(self, deadline: float, *, fresh: bool = False) -> bool:
+        """Have a token at hand before the channel is used (client credentials only);
+        ``fresh``: a new one (the server refused ours). Returns whether one was fetched.
 
         Raises:
             AuthenticationError: the token endpoint refused the credentials.
             TokenUnavailable (``_auth``): the endpoint could not be asked; try again.
         """
-        if self.token_source is not None:
-            self.token_source.ensure(deadline)
+        if self.token_source is None:
+            return False
+        return bool(self.token_source.ensure(deadline, fresh=fresh))
 
-    def diagnose(self, details: str, deadline: float) -> str | None:
-        """What is wrong with the configuration, after an attempt failed with grpc's
-        ``details`` (a TLS handshake failure, a connection closed at once), or None if
-        retrying may help. May handshake with the server (bounded by ``deadline``)."""
+    def diagnose(self, details: str, deadline: float) -> Any:
+        """What is wrong with the configuration (a ``_tls.Diagnosis``), after an attempt
+        failed with grpc's ``details`` (a TLS handshake failure, a connection closed at
+        once), or None if nothing is known. May handshake with the server (bounded by
+        ``deadline``)."""
         if self._connect_fun is not None:
             return None
         host, port = self._failed_address(details)
         tls = self._tls_module
         material = self.material if self.material is not None else tls.TlsMaterial()
         server_name = dict(self.options).get("grpc.ssl_target_name_override")
-        problem: str | None = tls.diagnose(
+        problem: Any = tls.diagnose(
             details,
+            pinned=self._cs.skip_tls_validation,
+            several=len(self._cs.hosts) > 1,
             host=host,
             port=port,
             tls=self.tls,

@@ -21,6 +21,7 @@ servicer, grpc/grpc#43403).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -73,6 +74,9 @@ _CANCEL_WAIT = 1.0
 #: A fork interrupts a monitor being established only once it has waited this long.
 _ESTABLISH_GRACE = 0.2
 
+#: How long past its deadline socket work (see ``Dialer._io``) may take to report.
+_IO_GRACE = 0.5
+
 
 MakeGeneration = Callable[[grpc.Channel, Monitor], Generation]
 
@@ -107,10 +111,18 @@ class Dialer:
         core = self._core
         deadline = core.clock() + self._attempt_timeout
         wall_deadline = time.monotonic() + self._attempt_timeout  # for socket timeouts
+        factory = self._factory
+        pin = None
+        if factory.pins:  # skipTlsValidation: the server's certificate, first
+            pin = self._io(lambda: factory.fetch_pin(wall_deadline), wall_deadline)
+            if isinstance(pin, AttemptFailed):
+                return pin
+            if isinstance(pin, OSError):
+                return self._diagnosed(Unreachable(str(pin)), wall_deadline)
+            if isinstance(pin, BaseException):
+                return AttemptFailed(f"could not fetch the server's certificate: {pin!r}")
         try:
-            channel = self._factory.build(wall_deadline)
-        except OSError as exc:  # skipTlsValidation: the server's certificate
-            return Unreachable(str(exc))
+            channel = factory.build(pin)
         except Exception as exc:
             return AttemptFailed(f"could not build the channel: {exc!r}")
         failure: AttemptFailed | None
@@ -118,10 +130,22 @@ class Dialer:
             failure = self.probe(channel, deadline, readiness=True)
             if isinstance(failure, Unreachable):
                 failure = self._diagnosed(failure, wall_deadline)
+            fetched = False
             if failure is None:
-                failure = self._authenticate(wall_deadline)
+                failure, fetched = self._authenticate(wall_deadline)
             if failure is None:
                 monitor, failure = self.establish(channel, deadline)
+                if (
+                    isinstance(failure, Refused)
+                    and isinstance(failure.error, AuthenticationError)
+                    and factory.token_source is not None
+                    and not fetched
+                ):
+                    # The server refused a token it may have forgotten (a restarted
+                    # kernel): only a fresh one being refused means the credentials are.
+                    failure, _ = self._authenticate(wall_deadline, fresh=True)
+                    if failure is None:
+                        monitor, failure = self.establish(channel, deadline)
                 if monitor is not None:
                     return self._make_generation(channel, monitor)
         except Exception as exc:
@@ -129,30 +153,83 @@ class Dialer:
         self.dispose(channel)
         return failure or AttemptFailed("attempt failed")
 
+    def _io(self, work: Callable[[], Any], deadline: float, blocks: bool = True) -> Any:
+        """Run ``work`` (socket I/O of the standard library's, which close() cannot cut
+        short) on a short-lived thread while this one waits, interruptibly: returns its
+        result or the exception it raised, or an :class:`AttemptFailed` when close() or
+        a fork came first (the thread then ends by itself within its own timeout).
+        ``blocks=False``: ``work`` does no I/O, run it here."""
+        if not blocks:
+            try:
+                return work()
+            except Exception as exc:
+                return exc
+        core = self._core
+        box: list[Any] = []
+
+        def run() -> None:
+            try:
+                result: Any = work()
+            except Exception as exc:
+                result = exc
+            with core.cond:
+                box.append(result)
+                core.cond.notify_all()
+
+        thread = threading.Thread(target=run, name=f"chronicle_conn-io[{core.label}]", daemon=True)
+        thread.start()
+        with core.cond:
+            core.cond.wait_for(
+                lambda: bool(box) or core.closing or core.abandoned or core.fork_hold > 0,
+                max(0.0, deadline - time.monotonic()) + _IO_GRACE,
+            )
+            if box:
+                return box[0]
+            if core.closing or core.abandoned:
+                return AttemptFailed("connection closed")
+            if core.fork_hold:
+                return Interrupted()
+        return AttemptFailed(f"no answer within {self._attempt_timeout:g}s")
+
     def _diagnosed(self, failure: Unreachable, deadline: float) -> AttemptFailed:
         """A transport failure that is really a configuration mistake (TLS against a
-        plaintext server, an untrusted certificate...) becomes :class:`Refused`."""
+        plaintext server, an untrusted certificate...) becomes :class:`Refused`; one
+        that may be (a server that closes the connection after the handshake) keeps
+        being retried, with the likely reason in its message."""
         details = str(failure)
         if not _looks_misconfigured(details):
             return failure
-        try:
-            problem = self._factory.diagnose(details, deadline)
-        except Exception as exc:  # a diagnosis must never break an attempt
-            self._core.log.debug("tls_diagnosis_failed", error=repr(exc))
+        factory = self._factory
+        found = self._io(lambda: factory.diagnose(details, deadline), deadline)
+        if isinstance(found, AttemptFailed):
+            return found
+        if isinstance(found, BaseException):  # a diagnosis must never break an attempt
+            self._core.log.debug("tls_diagnosis_failed", error=repr(found))
             return failure
-        if problem is None:
+        if found is None:
             return failure
-        return Refused(TlsError(problem))
+        if found.definite:
+            return Refused(TlsError(found.message))
+        return Unreachable(f"{details} ({found.message})")
 
-    def _authenticate(self, deadline: float) -> AttemptFailed | None:
-        """Client credentials: a token before the first call that needs one."""
-        try:
-            self._factory.authenticate(deadline)
-        except AuthenticationError as exc:
-            return Refused(exc)
-        except Exception as exc:  # the endpoint is down or answered nonsense: retry
-            return AttemptFailed(str(exc))
-        return None
+    def _authenticate(
+        self, deadline: float, *, fresh: bool = False
+    ) -> tuple[AttemptFailed | None, bool]:
+        """Client credentials: a token before the first call that needs one. Returns
+        why not, and whether a token was fetched."""
+        factory = self._factory
+        source = factory.token_source
+        if source is None:
+            return None, False
+        blocks = fresh or source.needs_fetch()
+        result = self._io(lambda: factory.authenticate(deadline, fresh=fresh), deadline, blocks)
+        if isinstance(result, AttemptFailed):
+            return result, False
+        if isinstance(result, AuthenticationError):
+            return Refused(result), True
+        if isinstance(result, BaseException):  # the endpoint is down or answered nonsense
+            return AttemptFailed(str(result)), False
+        return None, bool(result)
 
     def dispose(self, channel: grpc.Channel, *, unavailable: str | None = None) -> None:
         """Close a channel (never raises: a failure is logged)."""
@@ -190,6 +267,8 @@ class Dialer:
         error = future.exception()
         if error is None:
             return None
+        if not isinstance(error, grpc.RpcError):  # a closed (intercepted) channel, say
+            return AttemptFailed(f"probe: {error!r}")
         code, _ = rpc_status(error)
         if code is grpc.StatusCode.UNAVAILABLE:
             return Unreachable(describe(error))

@@ -27,13 +27,14 @@ import os
 import socket
 import ssl
 import tempfile
-import time
 from collections.abc import Iterator
+from typing import NamedTuple
 
 from .errors import ConfigurationError
 
 __all__ = [
     "CertificateInfo",
+    "Diagnosis",
     "TlsMaterial",
     "diagnose",
     "fetch_certificate",
@@ -296,13 +297,19 @@ def _names(der: bytes) -> tuple[str, ...]:
     return ()
 
 
-def fetch_certificate(host: str, port: int, timeout: float) -> CertificateInfo:
-    """The certificate ``host:port`` presents, unverified (for ``skipTlsValidation``).
+def fetch_certificate(
+    host: str, port: int, timeout: float, *, material: TlsMaterial | None = None
+) -> CertificateInfo:
+    """The certificate ``host:port`` presents, unverified (for ``skipTlsValidation``),
+    presenting the client certificate of ``material`` if there is one.
 
     Raises:
         OSError: the server cannot be reached or does not speak TLS (``ssl.SSLError``).
     """
-    with _handshake(host, port, _unverified_context(), timeout) as sock:
+    context = _unverified_context()
+    if material is not None:
+        load_client_certificate(context, material)
+    with _handshake(host, port, context, timeout) as sock:
         der = sock.getpeercert(binary_form=True)
     if not der:
         raise ssl.SSLError(f"{host}:{port} presented no certificate")
@@ -369,6 +376,14 @@ def _peer_names(host: str, port: int, timeout: float) -> tuple[str, ...]:
         return ()
 
 
+class Diagnosis(NamedTuple):
+    """What is wrong. ``definite``: retrying cannot fix it (the connection gives up);
+    else a likely reason, added to the failure while it is retried."""
+
+    message: str
+    definite: bool
+
+
 def diagnose(
     details: str,
     *,
@@ -380,13 +395,17 @@ def diagnose(
     server_name: str | None,
     timeout: float,
     shown: str | None = None,
-) -> str | None:
+    pinned: bool = False,
+    several: bool = False,
+) -> Diagnosis | None:
     """What is wrong, and what to change, when an attempt to ``host:port`` failed with
     grpc's ``details``; None when nothing is known to be wrong with the configuration
     (the server may merely be down, and retrying is right). ``shown``: how to name
-    the server in the message (the connection string's ``host:port``).
+    the server in the message (the connection string's ``host:port``). ``pinned``:
+    ``skipTlsValidation`` (a certificate that fails is one that changed since it was
+    fetched: fetch it again). ``several``: the string has several hosts.
 
-    Blocks for at most a couple of handshakes bounded by ``timeout`` each.
+    Blocks for at most a few handshakes bounded by ``timeout`` each.
     """
     where = shown or f"{host}:{port}"
     text = details.upper()
@@ -395,44 +414,60 @@ def diagnose(
             return _plaintext_to_tls(host, port, timeout, where)
         return None
     if "WRONG_VERSION_NUMBER" in text or "HTTP_REQUEST" in text:
-        return (
-            f"the server at {where} speaks plaintext, not TLS: add disableTls=true to the "
-            "connection string (or enable TLS on the server)"
-        )
+        return Diagnosis(_PLAINTEXT.format(where=where), definite=True)
     if "CERTIFICATE_VERIFY_FAILED" in text:
         reason = _after(details, "CERTIFICATE_VERIFY_FAILED")
+        if pinned:
+            return Diagnosis(
+                f"the certificate of {where} changed since it was fetched ({reason})", False
+            )
         names = _peer_names(host, port, timeout)
         cert = f"the certificate of {where}" + (f" (for {_shown(names)})" if names else "")
+        if "EXPIRED" in reason.upper() or "NOT YET VALID" in reason.upper():
+            return Diagnosis(
+                f"{cert} is not valid now ({reason}): renew the server's certificate "
+                "(or check this machine's clock)",
+                definite=True,
+            )
         trusted_by = f"caPath {ca_path!r}" if ca_path else "the default root certificates"
         change = (
             "set caPath to the CA that signed it"
             if not ca_path
             else "point caPath at the CA that signed it"
         )
-        return (
+        return Diagnosis(
             f"{cert} is not trusted by {trusted_by}"
             + (f" ({reason})" if reason else "")
-            + f": {change}, or set skipTlsValidation=true for a development kernel"
+            + f": {change}, or set skipTlsValidation=true for a development kernel",
+            definite=True,
         )
     if "HOSTNAME VERIFICATION" in text or "PEER NAME" in text:
+        if pinned:
+            return Diagnosis(f"the certificate of {where} changed since it was fetched", False)
         names = _peer_names(host, port, timeout)
         expected = server_name or host
-        return (
+        message = (
             f"name mismatch: the certificate of {where} is for {_shown(names)}, not "
             f"{expected}: connect by one of its names, or set skipTlsValidation=true for a "
             "development kernel"
         )
+        # With several hosts grpc checks every server against one name (issue: many
+        # kernels); say what is seen, but do not give up on it.
+        return Diagnosis(message, definite=not several)
     if "SOCKET CLOSED" in text or "CONNECTION RESET" in text or "HANDSHAKE" in text:
         refused = _client_certificate_refused(host, port, material, server_name, timeout, where)
         if refused is not None:
             return refused
         if _speaks_plaintext_h2(host, port, timeout):
             # Some servers (grpc-go behind cmux, as etcd) close a TLS connection at once.
-            return (
-                f"the server at {where} speaks plaintext, not TLS: add disableTls=true to "
-                "the connection string (or enable TLS on the server)"
-            )
+            return Diagnosis(_PLAINTEXT.format(where=where), definite=True)
     return None
+
+
+_PLAINTEXT = (
+    "the server at {where} speaks plaintext, not TLS: add disableTls=true to the "
+    "connection string (or enable TLS on the server)"
+)
 
 
 def _speaks_plaintext_h2(host: str, port: int, timeout: float) -> bool:
@@ -459,16 +494,17 @@ def _after(details: str, marker: str) -> str:
     return reason if reason and reason.upper() != "OK" else ""
 
 
-def _plaintext_to_tls(host: str, port: int, timeout: float, where: str) -> str | None:
+def _plaintext_to_tls(host: str, port: int, timeout: float, where: str) -> Diagnosis | None:
     """A plaintext channel whose connection was closed at once: does the server speak TLS?"""
     try:
         with _handshake(host, port, _unverified_context(), timeout):
             pass
     except (OSError, ValueError):
         return None  # not TLS (or not there): nothing known
-    return (
+    return Diagnosis(
         f"the server at {where} speaks TLS, not plaintext: remove disableTls=true "
-        "(and set caPath, or skipTlsValidation=true, if its certificate is self-signed)"
+        "(and set caPath, or skipTlsValidation=true, if its certificate is self-signed)",
+        definite=True,
     )
 
 
@@ -479,42 +515,53 @@ def _client_certificate_refused(
     server_name: str | None,
     timeout: float,
     where: str,
-) -> str | None:
+) -> Diagnosis | None:
     """A TLS connection closed during or right after the handshake: did the server
-    want (another) client certificate? Asks with the connection's own material. A
-    server refuses one with an alert, or (grpc's) by closing the connection instead of
-    answering the HTTP/2 preface."""
+    want (another) client certificate? Asks with the connection's own material.
+
+    Definite only when the server says so with an alert about certificates
+    (``certificate_required``, ``bad_certificate``, ``unknown_ca``). A server that
+    closes the connection right after the handshake (as grpc's does without a client
+    certificate), or a ``handshake_failure`` alert (also a cipher or version
+    mismatch), is only a likely reason: TLS terminators close connections that way
+    while their backend restarts.
+    """
     context = _unverified_context()
     try:
         load_client_certificate(context, material)
-        # Twice: a server that is shutting down may also close a connection at once,
-        # but by the second handshake it refuses connections.
-        for pause in (0.1, 0.0):
-            with _handshake(host, port, context, timeout, server_name=server_name) as sock:
-                sock.sendall(_H2_PREFACE)
-                answer = sock.recv(1)
-            if answer:
-                break
-            time.sleep(pause)
+        with _handshake(host, port, context, timeout, server_name=server_name) as sock:
+            sock.sendall(_H2_PREFACE)
+            answer = sock.recv(1)
     except ssl.SSLError as exc:
-        reason = _ssl_reason(exc).upper()
-        alerts = ("CERTIFICATE_REQUIRED", "HANDSHAKE_FAILURE", "BAD_CERTIFICATE", "UNKNOWN_CA")
-        if not any(alert in reason for alert in alerts):
+        reason = _ssl_reason(exc)
+        upper = reason.upper()
+        about_us = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE")
+        if any(alert in upper for alert in about_us) or (
+            "UNKNOWN_CA" in upper and material.has_client_certificate
+        ):
+            definite = True
+        elif "HANDSHAKE_FAILURE" in upper:
+            definite = False
+        else:
             return None
-        how = f"refused it ({_ssl_reason(exc)})"
+        how = f"it refused the handshake: {reason}"
     except (OSError, ValueError):
         return None
     else:
         if answer:
             return None  # it talks to us: nothing wrong with our certificate
-        how = "closed the connection right after the TLS handshake"
+        definite = False
+        how = "it closed the connection right after the TLS handshake"
     if not material.has_client_certificate:
-        return (
-            f"the server at {where} requires a client certificate (it {how} without one): "
-            "set certificatePath and keyPath (or a PKCS#12 certificatePath with "
-            "certificatePassword)"
+        lead = "requires a client certificate" if definite else "may require a client certificate"
+        return Diagnosis(
+            f"the server at {where} {lead} ({how}): set certificatePath and keyPath (or a "
+            "PKCS#12 certificatePath with certificatePassword)",
+            definite,
         )
-    return (
-        f"the server at {where} does not accept the client certificate in certificatePath "
-        f"(it {how}): give a certificate signed by a CA the server trusts"
+    lead = "does not accept" if definite else "may not accept"
+    return Diagnosis(
+        f"the server at {where} {lead} the client certificate in certificatePath ({how}): "
+        "give a certificate signed by a CA the server trusts",
+        definite,
     )

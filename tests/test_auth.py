@@ -338,3 +338,95 @@ def test_no_secret_in_any_event_repr_message_or_stats_through_a_whole_cycle(pki,
         assert SECRET not in text, text
         for token in tokens:
             assert token not in text, text
+
+
+# ---------------------------------------------------------------------------- turning over
+
+
+@pytest.mark.timeout(120)
+def test_a_kernel_that_restarts_and_forgets_its_tokens_is_reconnected_30_times(
+    pki, closing
+) -> None:
+    """A restarted kernel refuses the token it issued before: the connection fetches a
+    new one and comes back, never FAILED (only a fresh token refused means the
+    credentials are)."""
+    server, endpoint, gate = _token_setup(False, pki, closing)
+    port = server.port
+    text = _string(server, False, pki, f"&authPort={endpoint.port}")
+    conn = cc.Connection(
+        text.format(userinfo=f"shop:{SECRET}@"),
+        retry_attempts=None,
+        reconnect_base_delay=0.05,
+        reconnect_max_delay=0.2,
+    )
+    closing.append(conn)
+    changes: list[cc.StateChange] = []
+    conn.add_listener(changes.append)
+    conn.connect(timeout=10)
+    for cycle in range(30):
+        server.stop()
+        with endpoint.cond:
+            endpoint.tokens.clear()  # the restarted kernel knows none of them
+        with conn._core.cond:
+            assert conn._core.cond.wait_for(lambda: conn._core.current is None, 10), cycle
+        server = DevServer(port=port, keepalive_interval=0.2, authenticator=gate).start()
+        closing.append(server)
+        conn.connect(timeout=10)
+        version(conn.channel())
+    assert not [c for c in changes if c.new is S.FAILED], [str(c) for c in changes]
+    assert endpoint.issued() == 31
+
+
+@pytest.mark.timeout(30)
+def test_after_a_refused_renewal_connect_asks_the_endpoint_again(pki, closing) -> None:
+    server, endpoint, _ = _token_setup(False, pki, closing, lifetime=2.0)
+    text = _string(server, False, pki, f"&authPort={endpoint.port}")
+    conn = cc.Connection(text.format(userinfo=f"shop:{SECRET}@"), retry_attempts=None)
+    closing.append(conn)
+    conn.connect(timeout=10)
+    endpoint.clients.clear()
+    with conn._core.cond:
+        assert conn._core.cond.wait_for(lambda: conn._core.state is S.FAILED, 10)
+    asked = len(endpoint.requests)
+    # Still revoked: refused again, by the endpoint (not a cached token that still works).
+    with pytest.raises(cc.AuthenticationError):
+        conn.connect(timeout=5)
+    assert endpoint.requests[asked:] == [("shop", 401)]
+    endpoint.clients["shop"] = SECRET  # restored: the next connect() works
+    conn.connect(timeout=5)
+    assert endpoint.requests[-1] == ("shop", 200)
+
+
+@pytest.mark.timeout(60)
+def test_an_expired_token_with_the_endpoint_down_is_renewed_with_backoff(pki, closing) -> None:
+    server, endpoint, _ = _token_setup(False, pki, closing, lifetime=1.0)
+    text = _string(server, False, pki, f"&authPort={endpoint.port}")
+    conn = cc.Connection(text.format(userinfo=f"shop:{SECRET}@"), retry_attempts=None)
+    closing.append(conn)
+    conn.connect(timeout=10)
+    source = conn._supervisor.dialer.factory.token_source
+    endpoint.stop()
+    before = source.fetches
+    done = threading.Event()
+    done.wait(8.0)  # eight token lifetimes with the endpoint down
+    tries = source.fetches - before
+    # Backing off (0.5, 1, 2, 4 s...): a handful, not 10 a second.
+    assert 2 <= tries <= 8, tries
+
+
+@pytest.mark.timeout(30)
+def test_close_is_prompt_while_the_token_endpoint_hangs(pki, closing) -> None:
+    import socket
+
+    hung = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    closing.append(type("Closer", (), {"stop": lambda self: hung.close()})())
+    server = DevServer(keepalive_interval=0.2).start()
+    closing.append(server)
+    text = _string(server, False, pki, f"&authPort={hung.getsockname()[1]}")
+    conn = cc.Connection(text.format(userinfo=f"shop:{SECRET}@"), attempt_timeout=5.0)
+    hung.settimeout(5)
+    accepted, _ = hung.accept()  # the attempt is waiting for the token now
+    closing.append(type("Closer", (), {"stop": lambda self: accepted.close()})())
+    started = time.monotonic()
+    conn.close()
+    assert time.monotonic() - started < 1.0

@@ -107,6 +107,7 @@ class Supervisor:
         self._crashes = 0  # threads that ended unexpectedly (each restart waits longer)
         self._running: threading.Thread | None = None  # the thread, until its very end
         self._resumed_at = -math.inf  # time.monotonic() of the last fork's end
+        self._refused_before: str | None = None  # the last connect_refused reason logged
         self._pid = os.getpid()
         problem = _fork.register(self)
         if problem is not None:
@@ -470,6 +471,7 @@ class Supervisor:
                 core.armed = True
                 self._crashes = 0
                 core.transition(_S.CONNECTED, attempt=attempt)
+                self._refused_before = None
                 deferred = core.take_deferred()
         if not installed:
             self._retire(gen, "closed")
@@ -531,7 +533,11 @@ class Supervisor:
                 )
         core.deliver()
         if refused is not None:
-            core.log.error("connect_refused", error=str(error), kind=type(refused).__name__)
+            # Once per reason: a busy app re-arms a FAILED connection again and again.
+            repeated = str(error) == self._refused_before
+            self._refused_before = str(error)
+            log = core.log.debug if repeated else core.log.error
+            log("connect_refused", error=str(error), kind=type(refused).__name__)
         else:
             core.log.warning("retries_exhausted", attempts=attempts, error=str(error))
         callback = core.config.on_retries_exhausted

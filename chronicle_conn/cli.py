@@ -4,8 +4,11 @@ Subcommands:
 
 ``dev-server``
     Run the embedded stand-in kernel (:class:`~chronicle_conn.devserver.DevServer`)
-    until SIGTERM or SIGINT, then stop cleanly and exit 0. Prints exactly one line to
-    stdout, ``chronicle-conn dev-server listening on HOST:PORT``; logs go to stderr.
+    until SIGTERM or SIGINT, then stop cleanly and exit 0. Prints one line to stdout,
+    ``chronicle-conn dev-server listening on HOST:PORT``; logs go to stderr. With TLS
+    (``--tls``, ``--tls-cert``) or ``--auth`` (the OAuth token endpoint and the
+    development client), a second line follows: ``chronicle-conn dev-server connect
+    with: <connection string>``, redacted (the client secret shows as ``***``).
     With ``--control-stdin`` it also reads one command per line from stdin and answers
     each with one JSON line on stdout (see :data:`CONTROL_COMMANDS`); end of input
     means the controlling process is gone, and stops the server (no orphans).
@@ -45,7 +48,8 @@ from google.protobuf import empty_pb2
 
 from . import __version__, _health
 from ._proto import clients_pb2, clients_pb2_grpc, host_pb2_grpc
-from .devserver import DevServer, DevServerBindError, ServerTls
+from .connection_string import ConnectionString
+from .devserver import TOKEN_PATH, DevServer, DevServerBindError, ServerTls
 
 __all__ = ["CONTROL_COMMANDS", "main"]
 
@@ -96,7 +100,9 @@ def _add_dev_server(subparsers: _SubParsers) -> None:
         help="run the embedded stand-in Chronicle kernel",
         description=(
             "Run the embedded stand-in Chronicle kernel until SIGTERM or Ctrl-C. Prints "
-            "'chronicle-conn dev-server listening on HOST:PORT' on stdout once it listens."
+            "'chronicle-conn dev-server listening on HOST:PORT' on stdout once it listens; "
+            "with TLS or --auth, then 'chronicle-conn dev-server connect with: "
+            "<connection string>', the client secret shown as ***."
         ),
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -115,6 +121,32 @@ def _add_dev_server(subparsers: _SubParsers) -> None:
         metavar="N",
         help="server threads; every open stream (each client's Connect) holds one (default 64)",
     )
+    parser.add_argument(
+        "--auth",
+        action="store_true",
+        help=f"serve the OAuth token endpoint (POST {TOKEN_PATH}) on the same port and "
+        "require its bearer tokens, for the development client chronicle-dev-client "
+        "(the kernel's development credentials)",
+    )
+    parser.add_argument(
+        "--token-lifetime",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="with --auth: how long an issued token is valid (default 3600)",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve TLS with a self-signed certificate made at start (for localhost, the "
+        "loopback addresses and --host; needs the cryptography package); clients use "
+        "skipTlsValidation=true, or caPath with --tls-cert-out",
+    )
+    parser.add_argument(
+        "--tls-cert-out",
+        metavar="PEM",
+        help="with --tls: write the self-signed certificate to this file (a client's caPath)",
+    )
     parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain")
     parser.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     parser.add_argument(
@@ -129,27 +161,58 @@ def _add_dev_server(subparsers: _SubParsers) -> None:
     parser.set_defaults(handler=_run_dev_server, parser=parser)
 
 
-def _run_dev_server(args: argparse.Namespace) -> int:
+def _dev_server_tls(args: argparse.Namespace) -> ServerTls | None:
+    """The TLS material the options ask for (parser errors for contradictions)."""
     parser: argparse.ArgumentParser = args.parser
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
-    if args.tls_client_ca is not None and args.tls_cert is None:
-        parser.error("--tls-client-ca needs --tls-cert and --tls-key")
-    try:
-        tls = (
-            ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
-            if args.tls_cert is not None
-            else None
+    if args.tls and args.tls_cert is not None:
+        parser.error("--tls makes its own certificate: drop --tls-cert/--tls-key, or --tls")
+    if args.tls_client_ca is not None and not (args.tls or args.tls_cert is not None):
+        parser.error("--tls-client-ca needs --tls, or --tls-cert and --tls-key")
+    if args.tls_cert_out is not None and not args.tls:
+        parser.error("--tls-cert-out writes the certificate --tls makes: add --tls")
+    if args.tls:
+        client_ca = None
+        if args.tls_client_ca is not None:
+            with open(args.tls_client_ca, "rb") as handle:
+                client_ca = handle.read()
+        tls = ServerTls.self_signed([args.host], client_ca=client_ca)
+        if args.tls_cert_out is not None:
+            with open(args.tls_cert_out, "wb") as handle:
+                handle.write(tls.certificate_chain)
+        return tls
+    if args.tls_cert is not None:
+        return ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
+    return None
+
+
+def _connect_hint(server: DevServer) -> str:
+    """The connection string to use, redacted, and where its secret comes from."""
+    text = ConnectionString.parse(server.connection_string).redacted()
+    if server.oauth_client_ids:
+        text += (
+            " (*** is the development client secret: DEVELOPMENT_CLIENT_SECRET in "
+            "chronicle_conn.connection_string)"
         )
+    return text
+
+
+def _run_dev_server(args: argparse.Namespace) -> int:
+    parser: argparse.ArgumentParser = args.parser
+    try:
+        tls = _dev_server_tls(args)
         server = DevServer(
             args.host,
             args.port,
             keepalive_interval=args.keepalive_interval,
             tls=tls,
+            auth=True if args.auth else None,
+            token_lifetime=args.token_lifetime,
             max_workers=args.max_workers,
             logger=_stderr_logger(logging.INFO),
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:
         parser.error(str(exc))
 
     stop = _Wakeup()
@@ -170,6 +233,8 @@ def _run_dev_server(args: argparse.Namespace) -> int:
             print(f"{_PROG} dev-server: {exc}", file=sys.stderr)
             return 1
         output.write(f"{_PROG} dev-server listening on {server.address}")
+        if tls is not None or args.auth:
+            output.write(f"{_PROG} dev-server connect with: {_connect_hint(server)}")
         if args.control_stdin:
             threading.Thread(
                 target=_control_loop,
@@ -195,6 +260,9 @@ CONTROL_COMMANDS = (
     "not-serving",
     "serving",
     "stats",
+    "auth-stats",
+    "expire-tokens",
+    "tls-certificate",
     "stop",
 )
 """The ``--control-stdin`` commands, one per line; each is answered with one JSON line."""
@@ -218,6 +286,19 @@ def _control(server: DevServer, command: str) -> dict[str, object]:
             "keepalives_sent": server.keepalives_sent,
             "connection_ids": server.connection_ids,
         }
+    elif command == "auth-stats":
+        outcomes: dict[str, int] = {}
+        for _, outcome, _ in server.token_requests:
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        kinds: dict[str, int] = {}
+        for _, kind in server.authorized_calls:
+            kinds[kind] = kinds.get(kind, 0) + 1
+        return {"ok": True, "token_requests": outcomes, "authorized_calls": kinds}
+    elif command == "expire-tokens":
+        server.expire_tokens()
+    elif command == "tls-certificate":
+        pem = server.tls_certificate_pem
+        return {"ok": True, "pem": pem.decode("ascii") if pem is not None else None}
     elif command != "stop":  # stop: the control loop wakes the main thread
         known = ", ".join(CONTROL_COMMANDS)
         return {"ok": False, "error": f"unknown command {command!r} (known: {known})"}

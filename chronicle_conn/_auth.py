@@ -19,6 +19,7 @@ worth importing for every connection).
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import random
@@ -220,7 +221,19 @@ class TokenSource:
                     f"(HTTP {status}{': ' + error if error else ''}): check the client id "
                     "and secret"
                 ) from None
+            if status in (404, 405):
+                raise AuthenticationError(_no_endpoint(url, f"HTTP {status}")) from None
             raise TokenUnavailable(f"token endpoint {url}: HTTP {status}") from None
+        except http.client.RemoteDisconnected:
+            raise TokenUnavailable(f"token endpoint {url}: closed without an answer") from None
+        except http.client.BadStatusLine as exc:
+            line = str(exc.args[0] if exc.args else "")
+            if line.startswith("\x00\x00") and len(line) > 3 and line[3] == "\x04":
+                # An HTTP/2 SETTINGS frame: a gRPC-only port (a server without OAuth).
+                raise AuthenticationError(_no_endpoint(url, "it speaks only HTTP/2")) from None
+            raise TokenUnavailable(f"token endpoint {url}: not an HTTP answer") from None
+        except http.client.HTTPException as exc:
+            raise TokenUnavailable(f"token endpoint {url}: {type(exc).__name__}") from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", None) or exc
             raise TokenUnavailable(f"token endpoint {url}: {reason}") from None
@@ -315,6 +328,14 @@ class TokenSource:
             failures = 0
             self.refreshes += 1
             self._store(fresh)
+
+
+def _no_endpoint(url: str, why: str) -> str:
+    return (
+        f"no OAuth token endpoint at {url} ({why}): a kernel before v16 serves tokens on "
+        "its management port (authPort=8080); a server without authentication needs no "
+        "client credentials (remove them, or auth=none)"
+    )
 
 
 def _oauth_error(exc: urllib.error.HTTPError) -> str:

@@ -430,3 +430,64 @@ def test_close_is_prompt_while_the_token_endpoint_hangs(pki, closing) -> None:
     started = time.monotonic()
     conn.close()
     assert time.monotonic() - started < 1.0
+
+
+# ---------------------------------------------------------------------------- the dev kernel
+
+
+@pytest.mark.timeout(30)
+def test_client_credentials_against_a_server_without_a_token_endpoint_say_so(closing) -> None:
+    server = DevServer(keepalive_interval=0.2).start()  # no auth: gRPC only on its port
+    closing.append(server)
+    conn = cc.Connection(f"chronicle://shop:{SECRET}@{server.address}?disableTls=true")
+    closing.append(conn)
+    started = time.monotonic()
+    with pytest.raises(cc.AuthenticationError) as caught:
+        conn.connect(timeout=10)
+    assert time.monotonic() - started < 2.0
+    assert "no OAuth token endpoint" in str(caught.value)
+    assert "authPort" in str(caught.value)
+    assert "\\x00" not in str(caught.value)  # none of the HTTP/2 bytes it got
+
+
+@pytest.mark.timeout(60)
+def test_development_credentials_reach_the_dev_kernel_over_its_self_signed_tls(closing) -> None:
+    """``ConnectionString.development()`` against ``DevServer(auth=True, tls=True)``:
+    the token from the kernel's own port, over TLS it does not validate."""
+    server = DevServer(keepalive_interval=0.2, auth=True, tls=True).start()
+    closing.append(server)
+    import dataclasses
+
+    dev = cc.ConnectionString.development()
+    here = dataclasses.replace(dev, hosts=(cc.Endpoint("127.0.0.1", server.port),))
+    conn = cc.Connection(here)
+    closing.append(conn)
+    conn.connect(timeout=15)
+    for _ in range(10):
+        version(conn.channel())
+    with server._cond:
+        kinds = [kind for method, kind in server.authorized_calls if method != CONNECT]
+        issued = [outcome for _, outcome, _ in server.token_requests]
+    assert "refused" not in kinds
+    assert kinds.count("bearer") >= 10
+    assert issued == ["issued"]
+
+
+@pytest.mark.timeout(60)
+def test_the_token_comes_from_the_next_host_when_the_first_is_down(closing) -> None:
+    first = DevServer(keepalive_interval=0.2, auth={"shop": SECRET}).start()
+    second = DevServer(keepalive_interval=0.2, auth={"shop": SECRET}).start()
+    closing += [first, second]
+    text = (
+        f"chronicle://shop:{SECRET}@127.0.0.1:{first.port},127.0.0.1:{second.port}?disableTls=true"
+    )
+    conn = cc.Connection(
+        text, retry_attempts=None, reconnect_base_delay=0.1, reconnect_max_delay=0.5
+    )
+    closing.append(conn)
+    conn.connect(timeout=15)
+    assert first.wait_for(lambda: len(first.token_requests) == 1, 5)
+    first.stop()  # lost: the next attempt's token must come from the second
+    wait_for_generation(conn, 2)
+    version(conn.channel())
+    assert second.wait_for(lambda: len(second.token_requests) >= 1, 10)

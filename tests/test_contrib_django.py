@@ -454,7 +454,7 @@ def test_the_health_check_is_up_when_connected_and_down_with_the_state_after_a_k
 
     chronicle = _health_check()
     address = kernel.address
-    secret = f"chronicle://app:s3cret@{address}?disableTls=true"  # sent nowhere yet
+    secret = f"chronicle://{address}?disableTls=true&apiKey=s3cret"  # the kernel ignores it
     configure({"default": {"CONNECTION_STRING": secret, "OPTIONS": {"retry_attempts": None}}})
     check = chronicle(wait=datetime.timedelta(seconds=0.3))
     assert repr(check) == "Chronicle(alias='default')"

@@ -624,7 +624,7 @@ def test_errors_not_handled_when_turned_off(make_app, kernel):
 
 def test_readiness_across_a_crash_and_a_restart(make_app, kernel):
     ext = Chronicle()
-    secret = f"chronicle://me:s3cret@{kernel.address}?disableTls=true"
+    secret = f"chronicle://{kernel.address}?disableTls=true&apiKey=s3cret"
     app = kernel_app(make_app, kernel, ext, CHRONICLE_CONNECTION_STRING=secret)
     app.register_blueprint(ext.readiness_blueprint())
     client = app.test_client()

@@ -39,7 +39,7 @@ def capture():
 
 
 def test_events_follow_a_configuration_made_after_the_connection(capture):
-    server = DevServer(keepalive_interval=0.2).start()
+    server = DevServer(keepalive_interval=0.2, auth={"client": "s3cr3t!"}).start()
     recorder = EventRecorder()
     # Created first, as an app does at import time...
     conn = cc.Connection(
@@ -64,7 +64,7 @@ def test_events_follow_a_configuration_made_after_the_connection(capture):
             assert time.monotonic() < deadline
             with conn._core.cond:
                 conn._core.cond.wait(0.05)
-        server = DevServer(port=port, keepalive_interval=0.2).start()
+        server = DevServer(port=port, keepalive_interval=0.2, auth={"client": "s3cr3t!"}).start()
         conn.connect(timeout=10)
     finally:
         conn.close()

@@ -491,3 +491,41 @@ def test_the_token_comes_from_the_next_host_when_the_first_is_down(closing) -> N
     wait_for_generation(conn, 2)
     version(conn.channel())
     assert second.wait_for(lambda: len(second.token_requests) >= 1, 10)
+
+
+@pytest.mark.timeout(240)
+def test_development_string_survives_30_sigkills_of_a_dev_kernel_with_auth_and_tls(
+    kernel_factory,
+) -> None:
+    """``chronicle-conn dev-server --auth --tls`` in a child process, SIGKILLed and
+    restarted on its port 30 times: each new kernel has a new self-signed certificate
+    and knows none of the old tokens. The development string comes back every time
+    (never FAILED), and each kernel issued it one token and refused at most the stale
+    one."""
+    import dataclasses
+
+    kernel = kernel_factory(keepalive_interval=0.2, extra_args=["--auth", "--tls"])
+    dev = cc.ConnectionString.development()
+    here = dataclasses.replace(dev, hosts=(cc.Endpoint("127.0.0.1", kernel.port),))
+    conn = cc.Connection(
+        here, retry_attempts=None, reconnect_base_delay=0.05, reconnect_max_delay=0.3
+    )
+    changes: list[cc.StateChange] = []
+    conn.add_listener(changes.append)
+    with conn:
+        conn.connect(timeout=15)
+        for cycle in range(31):
+            version(conn.channel())
+            stats = kernel.command("auth-stats")
+            assert stats["token_requests"] == {"issued": 1}, (cycle, stats)
+            # At most one: the keep-alive stream that offered the token the previous
+            # kernel issued, which makes the connection fetch a new one.
+            assert stats["authorized_calls"].get("refused", 0) <= min(cycle, 1), (cycle, stats)
+            if cycle == 30:
+                break
+            kernel.kill()
+            with conn._core.cond:
+                assert conn._core.cond.wait_for(lambda: conn._core.current is None, 10), cycle
+            kernel.restart()
+            conn.connect(timeout=15)
+    assert not [c for c in changes if c.new is S.FAILED], [str(c) for c in changes]

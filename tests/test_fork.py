@@ -262,3 +262,30 @@ def test_fork_support_turned_off_is_reported(monkeypatch, value, warned):
     assert bool(events) is warned, logs
     if warned:
         assert f"GRPC_ENABLE_FORK_SUPPORT={value}" in events[0]["reason"]
+
+
+@pytest.mark.timeout(300)
+def test_children_of_a_connection_with_client_credentials_over_tls(app_server_factory):
+    """The development client over the dev kernel's self-signed TLS: 30 children one
+    after another and 30 at once each connect and make their call (with the token the
+    parent fetched, or a new one: the renewal thread does not survive fork() and comes
+    back on demand); the server ran every call exactly once."""
+    server = app_server_factory("kernel", extra_args=["--auth", "--tls"])
+    text = (
+        "chronicle://chronicle-dev-client:chronicle-dev-secret@"
+        f"{server.address}?skipTlsValidation=true"
+    )
+    for mode in ("seq", "conc"):
+        extra = ["--concurrent"] if mode == "conc" else []
+        run_id = f"{mode}-auth-tls"
+        result = _forker(
+            server.address,
+            run_id,
+            "--children",
+            "30",
+            "--connection-string",
+            text,
+            *extra,
+            support=None,
+        )
+        _check(result, 30, server.log, run_id)

@@ -630,12 +630,23 @@ class _App:
 class _DevServerApp(_App):
     """``--flavor kernel``: the library's dev kernel with the work service added."""
 
-    def __init__(self, host: str, port: int, work: WorkService, keepalive_interval: float) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        work: WorkService,
+        keepalive_interval: float,
+        *,
+        auth: bool = False,
+        tls: bool = False,
+    ) -> None:
         super().__init__(host, port)
         self._server = DevServer(
             host,
             port,
             keepalive_interval=keepalive_interval,
+            auth=True if auth else None,
+            tls=True if tls else None,
             max_workers=WORKERS,
             logger=_stderr_logger(logging.INFO),
             handlers=[work.generic_handler()],
@@ -823,6 +834,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="keep-alive interval of the kernel flavor's Connect streams (default 1.0)",
     )
+    parser.add_argument(
+        "--auth",
+        action="store_true",
+        help="kernel flavor: require the development client's tokens (DevServer auth=True)",
+    )
+    parser.add_argument(
+        "--tls", action="store_true", help="kernel flavor: self-signed TLS (DevServer tls=True)"
+    )
     return parser
 
 
@@ -836,11 +855,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     if args.keepalive_interval is not None and args.flavor != "kernel":
         parser.error("--keepalive-interval is for --flavor kernel")
+    if (args.auth or args.tls) and args.flavor != "kernel":
+        parser.error("--auth and --tls are for --flavor kernel")
     work = WorkService(args.work_log)
     app: _App
     if args.flavor == "kernel":
         interval = 1.0 if args.keepalive_interval is None else args.keepalive_interval
-        app = _DevServerApp(args.host, args.port, work, interval)
+        app = _DevServerApp(args.host, args.port, work, interval, auth=args.auth, tls=args.tls)
     else:
         app = _GrpcApp(args.host, args.port, work, health=args.flavor == "grpc-health")
 

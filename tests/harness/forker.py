@@ -4,7 +4,8 @@ Run as::
 
     python -m tests.harness.forker --address HOST:PORT --children N \\
         [--liveness auto|keepalive|health|transport] [--concurrent] [--burner] \\
-        [--busy THREADS] [--run-id ID] [--child-timeout S] [--raw [--fresh]]
+        [--busy THREADS] [--run-id ID] [--child-timeout S] [--raw [--fresh]] \\
+        [--connection-string STRING]
 
 The parent connects (``Connection`` with ``liveness``, or with ``--raw`` a plain
 ``grpc.insecure_channel``, which ``--fresh`` children do not reuse: each makes its own),
@@ -117,7 +118,7 @@ class _Parent:
             self.channel: grpc.Channel = grpc.insecure_channel(args.address)
         else:
             self.conn = cc.Connection(
-                f"chronicle://{args.address}?disableTls=true",
+                args.connection_string or f"chronicle://{args.address}?disableTls=true",
                 liveness=args.liveness,
                 retry_attempts=None,
                 auto_connect=True,
@@ -170,6 +171,9 @@ class _Parent:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="forker")
     parser.add_argument("--address", required=True)
+    parser.add_argument(
+        "--connection-string", help="for the Connection (default: plaintext to --address)"
+    )
     parser.add_argument("--children", type=int, required=True)
     parser.add_argument("--liveness", default="auto")
     parser.add_argument("--concurrent", action="store_true")

@@ -1,4 +1,13 @@
-"""The library's logger: structlog events that can never take a thread down with them.
+"""The library's logger: events that follow the application's logging, and can never
+take a thread down with them.
+
+A library is quiet unless its application asks (DESIGN.md section 7). Each event goes
+to structlog when the application configured structlog (checked at each event, so a
+configuration made after the connection counts), else to the standard ``logging``
+logger of the same name (``chronicle_conn``, ``chronicle_conn.devserver``) as one line,
+``event key=value ...``: Python's default WARNING threshold, ``logging.basicConfig``
+and the application's handlers apply, and nothing is ever printed to stdout by
+structlog's unconfigured default.
 
 structlog is imported when the first connection is built (on its constructing thread, see
 ``_schedule``), not with the package: it costs about as much as the rest of the package.
@@ -6,10 +15,19 @@ structlog is imported when the first connection is built (on its constructing th
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
-__all__ = ["QuietLog", "connection_log", "load", "module_log", "swallow"]
+__all__ = ["QuietLog", "Router", "connection_log", "load", "module_log", "swallow"]
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "exception": logging.ERROR,
+}
 
 _structlog: Any = None
 
@@ -67,16 +85,63 @@ class QuietLog:
         self._emit("exception", event, **fields)
 
 
-def connection_log(logger: Any, **context: Any) -> QuietLog:
-    """The logger of one connection, bound with ``context``.
+def _text(value: Any) -> str:
+    text = str(value)
+    return text if text and " " not in text and "=" not in text else repr(text)
 
-    Not ``get_logger(...).bind(...)`` for the default logger: binding finalizes
-    structlog's lazy proxy with the configuration of that moment, and applications
-    often configure structlog only after creating their connection at import time.
-    """
+
+class Router:
+    """A structlog-style logger (``debug`` ... ``exception``, ``bind``) that sends each
+    event to structlog if the application configured it, else to standard ``logging``
+    (see the module docstring). ``context`` is bound to every event."""
+
+    __slots__ = ("_context", "_name", "_stdlib")
+
+    def __init__(self, name: str, context: dict[str, Any] | None = None) -> None:
+        self._name = name
+        self._context = dict(context or {})
+        self._stdlib = logging.getLogger(name)
+
+    def bind(self, **context: Any) -> Router:
+        return Router(self._name, {**self._context, **context})
+
+    def _emit(self, method: str, event: str, fields: dict[str, Any]) -> None:
+        structlog = _structlog
+        if structlog is not None and structlog.is_configured():
+            # A fresh proxy each time: binding once would freeze the configuration.
+            getattr(structlog.get_logger(self._name, **self._context), method)(event, **fields)
+            return
+        level = _LEVELS[method]
+        if not self._stdlib.isEnabledFor(level):
+            return
+        pairs = {**self._context, **fields}
+        message = " ".join([event, *(f"{k}={_text(v)}" for k, v in pairs.items())])
+        self._stdlib.log(
+            level, "%s", message, exc_info=method == "exception", extra={"chronicle": pairs}
+        )
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._emit("debug", event, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._emit("info", event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._emit("warning", event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._emit("error", event, fields)
+
+    def exception(self, event: str, **fields: Any) -> None:
+        self._emit("exception", event, fields)
+
+
+def connection_log(logger: Any, **context: Any) -> QuietLog:
+    """The logger of one connection, bound with ``context``: the application's own
+    ``logger`` if it gave one, else a :class:`Router` for ``chronicle_conn``."""
     if logger is not None:
         return QuietLog(logger.bind(**context))
-    return QuietLog(load().get_logger("chronicle_conn", **context))
+    return QuietLog(Router("chronicle_conn", context))
 
 
 class _Silent:
@@ -88,7 +153,5 @@ class _Silent:
 
 def module_log() -> QuietLog:
     """A logger for events that belong to no one connection (callbacks of calls and
-    subscriptions, which exist only once a connection was built, and so structlog
-    loaded)."""
-    structlog = _structlog
-    return QuietLog(_Silent() if structlog is None else structlog.get_logger("chronicle_conn"))
+    subscriptions)."""
+    return QuietLog(Router("chronicle_conn"))

@@ -123,7 +123,8 @@ class Connection:
         connect_fun: ``(target, options) -> grpc.Channel``, replaces channel creation.
         disconnect_fun: ``(channel) -> None``, replaces ``channel.close()``.
         on_retries_exhausted: ``(connection) -> None``, called when a budget runs out.
-        logger: a structlog logger to use (default ``structlog.get_logger("chronicle_conn")``).
+        logger: a structlog logger to use (default: structlog's ``chronicle_conn`` logger
+            when the application configured structlog, else standard ``logging``'s).
         attempt_timeout: bound on one attempt (a host that never answers), seconds.
         keepalive_stale_after: no sign of life for this long means lost, seconds.
         max_channel_age: replace the channel after this many seconds (None: never).

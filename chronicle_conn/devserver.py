@@ -77,10 +77,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
-import structlog
 from google.protobuf import empty_pb2
 
-from . import _devfront, _health
+from . import _devfront, _health, _log
 from ._proto import clients_pb2, clients_pb2_grpc, host_pb2, host_pb2_grpc
 from .connection_string import (
     DEVELOPMENT_CLIENT_ID,
@@ -128,7 +127,8 @@ _ANONYMOUS_METHODS = frozenset(
 # Where grpc listens when the front has the public port.
 _BACKEND_HOST = "127.0.0.1"
 
-_logger = structlog.get_logger("chronicle_conn.devserver")
+# structlog if the application configured it, else standard logging (see _log).
+_logger = _log.Router("chronicle_conn.devserver")
 
 
 class DevServerBindError(ChronicleConnError, OSError):
@@ -317,6 +317,7 @@ class DevServer:
         self._authenticator = authenticator
         self._version = version
         self._max_workers = max_workers
+        _log.load()  # so that the router sees whether structlog is configured
         self._log = logger if logger is not None else _logger
         self._health = _health.HealthServicer(
             {
@@ -403,13 +404,7 @@ class DevServer:
         with self._cond:
             self._server = server
             self._port = port
-        # A lazy proxy unless the caller gave a logger: binding would freeze structlog's
-        # configuration of this moment.
-        self._log = (
-            self._log.bind(devserver=self.address)
-            if self._log is not _logger
-            else structlog.get_logger("chronicle_conn.devserver", devserver=self.address)
-        )
+        self._log = self._log.bind(devserver=self.address)
         front = None
         if sockets:
             try:

@@ -77,6 +77,18 @@ class StateChange:
     error: str | None = None
     generation: int = 0
 
+    def __str__(self) -> str:
+        """``connected -> reconnecting (attempt 3, next in 2.0 s): reason``."""
+        details = []
+        if self.attempt:
+            details.append(f"attempt {self.attempt}")
+        if self.delay is not None:
+            details.append(f"next in {self.delay:.1f} s")
+        text = f"{self.old.value} -> {self.new.value}"
+        if details:
+            text += f" ({', '.join(details)})"
+        return f"{text}: {self.error}" if self.error else text
+
 
 @dataclass(frozen=True)
 class ConnectionStats:

@@ -17,6 +17,7 @@ from typing import Any
 # pytest rewrites a module on the main thread while other threads are still running.
 import hypothesis  # noqa: F401
 import pytest
+import structlog
 
 import chronicle_conn as cc
 from tests.harness import AppServerProcess, EventRecorder, FaultProxy, KernelProcess
@@ -197,6 +198,17 @@ def app_server_factory(
 
     yield make
     _close_all([proc.close for proc in made])
+
+
+@pytest.fixture(autouse=True)
+def _structlog_as_found() -> Iterator[None]:
+    """Leave structlog unconfigured if a test configured it (``capture_logs()`` leaves
+    it configured): the library's events go to standard logging until an application
+    configures structlog, and later tests must see that default."""
+    configured = structlog.is_configured()
+    yield
+    if not configured and structlog.is_configured():
+        structlog.reset_defaults()
 
 
 @pytest.fixture

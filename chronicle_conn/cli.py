@@ -117,9 +117,10 @@ def _add_dev_server(subparsers: _SubParsers) -> None:
     parser.add_argument(
         "--max-workers",
         type=int,
-        default=64,
+        default=1024,
         metavar="N",
-        help="server threads; every open stream (each client's Connect) holds one (default 64)",
+        help="server threads, made as needed: every open stream (each client's Connect) "
+        "holds one, so at most N clients are served at once; more wait (default 1024)",
     )
     parser.add_argument(
         "--auth",

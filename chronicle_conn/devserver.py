@@ -249,9 +249,11 @@ class DevServer:
         token_lifetime: seconds an issued token is valid (``expires_in`` says it
             rounded up; the server enforces the exact value).
         version: what ``GetVersionInfo`` reports.
-        max_workers: size of the server's thread pool. Every open stream (``Connect``,
-            ``Watch``, ``ObserveConnectedClients``) holds one thread, and so does every
-            call in flight on ``handlers``.
+        max_workers: size of the server's thread pool, and so the number of streams and
+            calls it serves at once: every open stream (``Connect``, ``Watch``,
+            ``ObserveConnectedClients``) holds one thread, and so does every call in
+            flight on ``handlers``; more wait. Threads are made as needed (default 1024:
+            a thousand connected clients).
         logger: a structlog logger to use instead of ``chronicle_conn.devserver``.
         handlers: extra services to serve next to the kernel's, e.g. from
             ``grpc.method_handlers_generic_handler``. The kernel's own methods take
@@ -281,7 +283,7 @@ class DevServer:
         api_keys: Collection[str] = (),
         token_lifetime: float = 3600.0,
         version: str = "0.0.0-dev",
-        max_workers: int = 64,
+        max_workers: int = 1024,
         logger: Any = None,
         handlers: Sequence[grpc.GenericRpcHandler] = (),
     ) -> None:

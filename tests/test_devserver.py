@@ -28,6 +28,7 @@ from grpc_health.v1 import health as official_health  # type: ignore[import-unty
 from grpc_health.v1 import health_pb2 as official_health_pb2
 from grpc_health.v1 import health_pb2_grpc as official_health_pb2_grpc
 
+import chronicle_conn as cc
 from chronicle_conn import _health, cli
 from chronicle_conn._proto import clients_pb2, clients_pb2_grpc, host_pb2_grpc
 from chronicle_conn.devserver import CLIENTS_PROTO, DevServer, DevServerBindError, ServerTls
@@ -762,7 +763,7 @@ def test_cli_main_in_process(capsys) -> None:
 
 def test_cli_dev_server_max_workers_bounds_the_open_streams(cli_process, open_stream) -> None:
     """Every Connect stream holds a server thread: --max-workers sets how many clients
-    the kernel serves at once (the default 64 is too few for 100 connections)."""
+    the kernel serves at once (default 1024; more wait for a thread)."""
     kernel = cli_process("dev-server", "--port", "0", "--max-workers", "6")
     address = kernel.listening_address()
     with grpc.insecure_channel(address, options=LOCAL_POOL) as ch:
@@ -777,3 +778,40 @@ def test_cli_dev_server_max_workers_bounds_the_open_streams(cli_process, open_st
     bad = cli_process("dev-server", "--port", "0", "--max-workers", "0")
     assert bad.proc.wait(timeout=10) == 2
     assert "max_workers" in bad.stderr()
+
+
+@pytest.mark.timeout(120)
+def test_five_hundred_clients_are_served_at_once() -> None:
+    """500 open Connect streams, each holding a server thread, all get their first
+    keep-alive (the default pool grows to 1024; it was 64)."""
+    with DevServer(keepalive_interval=5.0) as srv:
+        channels = [grpc.insecure_channel(srv.address, options=LOCAL_POOL) for _ in range(5)]
+        calls = []
+        try:
+            for index in range(500):
+                stub = clients_pb2_grpc.ConnectionServiceStub(channels[index % 5])
+                call = stub.Connect(connect_request(), timeout=60)
+                calls.append(call)
+                next(call)  # its first keep-alive, sent at once by its server thread
+            assert srv.wait_for(lambda: len(srv.connection_ids) == 500, 10)
+        finally:
+            for call in calls:
+                call.cancel()
+            for channel in channels:
+                channel.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_hundred_connections_to_one_dev_kernel_all_connect() -> None:
+    with DevServer(keepalive_interval=1.0) as srv:
+        conns = [
+            cc.Connection(f"chronicle://{srv.address}?disableTls=true", retry_attempts=None)
+            for _ in range(100)
+        ]
+        try:
+            for conn in conns:
+                conn.connect(timeout=30)
+            assert srv.wait_for(lambda: len(srv.connection_ids) == 100, 10)
+        finally:
+            for conn in conns:
+                conn.close()

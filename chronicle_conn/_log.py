@@ -21,6 +21,10 @@ from typing import Any
 
 __all__ = ["QuietLog", "Router", "connection_log", "load", "module_log", "swallow"]
 
+# The logging HOWTO's advice for libraries: without a handler of the application's,
+# events are dropped, not printed by logging's last-resort handler.
+logging.getLogger("chronicle_conn").addHandler(logging.NullHandler())
+
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,

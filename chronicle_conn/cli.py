@@ -550,7 +550,46 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_demo(verbose=args.verbose)
 
 
+# -- check ------------------------------------------------------------------------------
+
+
+def _add_check(subparsers: _SubParsers) -> None:
+    parser = subparsers.add_parser(
+        "check",
+        help="connect to a server and report (exit 0 ready, 1 not, 2 bad input, 3 auth)",
+        description=(
+            "Connect to a Chronicle kernel (or any gRPC server) with the library and report "
+            "the redacted target, TLS and auth mode, time to ready, liveness mode, kernel "
+            "version, a call's round trip and health. Exit codes: 0 ready; 1 not reachable "
+            "within --timeout (or TLS cannot work as configured); 2 a bad connection "
+            "string or option; 3 credentials refused. Usable as a container health check."
+        ),
+        epilog=(
+            "examples:\n"
+            "  chronicle-conn check 'chronicle://127.0.0.1:35000?disableTls=true'\n"
+            "  CHRONICLE_CONNECTION_STRING=... chronicle-conn check --json --timeout 3"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "connection_string",
+        nargs="?",
+        metavar="CONNECTION_STRING",
+        help="default: $CHRONICLE_CONNECTION_STRING, else chronicle://localhost:35000",
+    )
+    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="default 10")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.set_defaults(handler=_run_check)
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from ._check import run_check  # noqa: PLC0415 - only this subcommand needs a Connection
+
+    return run_check(args.connection_string, args.timeout, args.json)
+
+
 _SUBCOMMANDS: tuple[Callable[[_SubParsers], None], ...] = (
+    _add_check,
     _add_demo,
     _add_dev_server,
     _add_selfcheck,

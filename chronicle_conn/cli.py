@@ -2,6 +2,10 @@
 
 Subcommands:
 
+``check``
+    Connect to a server with the library and report (see :mod:`chronicle_conn._check`):
+    exit 0 ready, 1 not reachable in time, 2 bad input, 3 credentials refused.
+
 ``dev-server``
     Run the embedded stand-in kernel (:class:`~chronicle_conn.devserver.DevServer`)
     until SIGTERM or SIGINT, then stop cleanly and exit 0. Prints one line to stdout,

@@ -21,7 +21,7 @@ import structlog
 
 import chronicle_conn as cc
 from tests.harness import AppServerProcess, EventRecorder, FaultProxy, KernelProcess
-from tests.helpers import ChannelLedger
+from tests.helpers import ChannelLedger, StreamReader
 
 _KERNELS = pytest.StashKey[list[KernelProcess]]()
 
@@ -198,6 +198,20 @@ def app_server_factory(
 
     yield make
     _close_all([proc.close for proc in made])
+
+
+@pytest.fixture
+def open_stream() -> Iterator[Callable[[Any], StreamReader]]:
+    readers: list[StreamReader] = []
+
+    def make(call) -> StreamReader:
+        reader = StreamReader(call)
+        readers.append(reader)
+        return reader
+
+    yield make
+    for reader in readers:
+        reader.close()
 
 
 @pytest.fixture(autouse=True)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import queue
 import threading
+import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import grpc
+import structlog
 from google.protobuf import empty_pb2
 
 import chronicle_conn as cc
-from chronicle_conn._proto import host_pb2_grpc
+from chronicle_conn._proto import clients_pb2, host_pb2_grpc
 from chronicle_conn.states import ALLOWED_TRANSITIONS
 from tests.harness.recorder import EventRecorder
 
@@ -90,3 +94,76 @@ class ChannelLedger:
             if self.open.pop(id(channel), None) is None:
                 self.errors.append(f"closed twice or unknown: {channel!r}")
         channel.close()
+
+
+def connect_request(**fields) -> clients_pb2.ConnectRequest:
+    fields.setdefault("ConnectionId", str(uuid.uuid4()))
+    return clients_pb2.ConnectRequest(**fields)
+
+
+class StreamReader:
+    """Reads a server stream on a thread; every message lands in a queue with its arrival
+    time (``time.monotonic()``); the stream's end lands as ``(None, error_or_None)``."""
+
+    def __init__(self, call) -> None:
+        self.call = call
+        self.items: queue.Queue[tuple[Any, Any]] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="test-stream-reader", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for message in self.call:
+                self.items.put((message, time.monotonic()))
+        except grpc.RpcError as exc:
+            self.items.put((None, exc))
+        else:
+            self.items.put((None, None))
+
+    def next(self, timeout: float = 5.0):
+        """The next ``(message, arrival)``; fails the test if the stream ended."""
+        message, info = self.items.get(timeout=timeout)
+        assert message is not None, f"stream ended: {info!r}"
+        return message, info
+
+    def end(self, timeout: float = 5.0):
+        """Wait for the stream's end, skipping messages; return its error (or None).
+
+        ``timeout`` bounds the whole wait, so a stream that keeps sending fails the test.
+        """
+        deadline = time.monotonic() + timeout
+        skipped = 0
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                message, info = self.items.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if message is None:
+                return info
+            skipped += 1
+        raise AssertionError(f"the stream did not end within {timeout}s ({skipped} messages)")
+
+    def close(self) -> None:
+        self.call.cancel()
+        self._thread.join(timeout=5)
+
+
+class Capture:
+    """A structlog processor that keeps every event dict (with its ``level``) and drops it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.events: list[dict[str, object]] = []
+
+    def __call__(self, logger: object, method: str, event: dict[str, object]) -> None:
+        with self.lock:
+            self.events.append({**event, "level": method})
+        raise structlog.DropEvent
+
+    def names(self) -> list[object]:
+        with self.lock:
+            return [e["event"] for e in self.events]
+
+    def named(self, name: str) -> list[dict[str, object]]:
+        with self.lock:
+            return [e for e in self.events if e["event"] == name]

@@ -20,8 +20,7 @@ import chronicle_conn as cc
 from chronicle_conn.devserver import DevServer, ServerTls
 from tests.harness.ports import free_port
 from tests.harness.tokens import TokenEndpoint
-from tests.helpers import version, wait_for_generation
-from tests.test_security import Capture
+from tests.helpers import Capture, version, wait_for_generation
 
 S = cc.ConnectionState
 CONNECT = "/Cratis.Chronicle.Contracts.Clients.ConnectionService/Connect"

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from datetime import datetime
@@ -30,8 +29,9 @@ from grpc_health.v1 import health_pb2_grpc as official_health_pb2_grpc
 
 import chronicle_conn as cc
 from chronicle_conn import _health, cli
-from chronicle_conn._proto import clients_pb2, clients_pb2_grpc, host_pb2_grpc
+from chronicle_conn._proto import clients_pb2_grpc, host_pb2_grpc
 from chronicle_conn.devserver import CLIENTS_PROTO, DevServer, DevServerBindError, ServerTls
+from tests.helpers import StreamReader, connect_request
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_POOL = [("grpc.use_local_subchannel_pool", 1)]
@@ -52,72 +52,6 @@ def server() -> Iterator[DevServer]:
 def channel(server: DevServer) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(server.address, options=LOCAL_POOL) as ch:
         yield ch
-
-
-def connect_request(**fields) -> clients_pb2.ConnectRequest:
-    fields.setdefault("ConnectionId", str(uuid.uuid4()))
-    return clients_pb2.ConnectRequest(**fields)
-
-
-class StreamReader:
-    """Reads a server stream on a thread; every message lands in a queue with its arrival
-    time (``time.monotonic()``); the stream's end lands as ``(None, error_or_None)``."""
-
-    def __init__(self, call) -> None:
-        self.call = call
-        self.items: queue.Queue[tuple[Any, Any]] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="test-stream-reader", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for message in self.call:
-                self.items.put((message, time.monotonic()))
-        except grpc.RpcError as exc:
-            self.items.put((None, exc))
-        else:
-            self.items.put((None, None))
-
-    def next(self, timeout: float = 5.0):
-        """The next ``(message, arrival)``; fails the test if the stream ended."""
-        message, info = self.items.get(timeout=timeout)
-        assert message is not None, f"stream ended: {info!r}"
-        return message, info
-
-    def end(self, timeout: float = 5.0):
-        """Wait for the stream's end, skipping messages; return its error (or None).
-
-        ``timeout`` bounds the whole wait, so a stream that keeps sending fails the test.
-        """
-        deadline = time.monotonic() + timeout
-        skipped = 0
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                message, info = self.items.get(timeout=remaining)
-            except queue.Empty:
-                break
-            if message is None:
-                return info
-            skipped += 1
-        raise AssertionError(f"the stream did not end within {timeout}s ({skipped} messages)")
-
-    def close(self) -> None:
-        self.call.cancel()
-        self._thread.join(timeout=5)
-
-
-@pytest.fixture
-def open_stream() -> Iterator[Callable[[Any], StreamReader]]:
-    readers: list[StreamReader] = []
-
-    def make(call) -> StreamReader:
-        reader = StreamReader(call)
-        readers.append(reader)
-        return reader
-
-    yield make
-    for reader in readers:
-        reader.close()
 
 
 # -- keep-alives ---------------------------------------------------------------------------

@@ -22,7 +22,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,9 +34,10 @@ from google.protobuf import empty_pb2
 
 import chronicle_conn as cc
 from chronicle_conn import _devfront, _health
-from chronicle_conn._proto import clients_pb2, clients_pb2_grpc, host_pb2_grpc
+from chronicle_conn._proto import clients_pb2_grpc, host_pb2_grpc
 from chronicle_conn.connection_string import DEVELOPMENT_CLIENT_ID, DEVELOPMENT_CLIENT_SECRET
 from chronicle_conn.devserver import TOKEN_PATH, DevServer, DevServerBindError, ServerTls
+from tests.helpers import connect_request
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -121,65 +121,6 @@ def call_error(channel: grpc.Channel, metadata: Any = ()) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as caught:
         version_info(channel, metadata)
     return caught.value
-
-
-def connect_request() -> clients_pb2.ConnectRequest:
-    return clients_pb2.ConnectRequest(ConnectionId=str(uuid.uuid4()), ClientType="Python")
-
-
-class StreamReader:
-    """Reads a server stream on a daemon thread into a queue; the end lands as
-    ``(None, error_or_None)``."""
-
-    def __init__(self, call: Any) -> None:
-        self.call = call
-        self.items: queue.Queue[tuple[Any, Any]] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="test-stream-reader", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for message in self.call:
-                self.items.put((message, None))
-        except grpc.RpcError as exc:
-            self.items.put((None, exc))
-        else:
-            self.items.put((None, None))
-
-    def next(self, timeout: float = 5.0) -> Any:
-        message, error = self.items.get(timeout=timeout)
-        assert message is not None, f"stream ended: {error!r}"
-        return message
-
-    def end(self, timeout: float = 5.0) -> Any:
-        """The stream's end (its error or None), skipping messages; bounded by ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                message, error = self.items.get(timeout=remaining)
-            except queue.Empty:
-                break
-            if message is None:
-                return error
-        raise AssertionError(f"the stream did not end within {timeout}s")
-
-    def close(self) -> None:
-        self.call.cancel()
-        self._thread.join(timeout=5)
-
-
-@pytest.fixture
-def open_stream() -> Iterator[Any]:
-    readers: list[StreamReader] = []
-
-    def make(call: Any) -> StreamReader:
-        reader = StreamReader(call)
-        readers.append(reader)
-        return reader
-
-    yield make
-    for reader in readers:
-        reader.close()
 
 
 @pytest.fixture(params=["plaintext", "tls"])
@@ -362,7 +303,7 @@ def test_the_connect_stream_and_its_answers_carry_the_token(
         request = connect_request()
         stream = open_stream(stub.Connect(request, metadata=bearer(token)))
         for _ in range(3):
-            keepalive = stream.next()
+            keepalive, _ = stream.next()
             assert keepalive.ConnectionId == request.ConnectionId
             stub.ConnectionKeepAlive(keepalive, metadata=bearer(token), timeout=5)
         assert secured.wait_for(lambda: len(secured.keepalive_answers) == 3, timeout=5)
@@ -597,7 +538,7 @@ def test_thirty_channels_through_the_front(open_stream) -> None:
                 for channel, request in zip(channels, requests, strict=True)
             ]
             for stream, request in zip(streams, requests, strict=True):
-                assert stream.next(timeout=10).ConnectionId == request.ConnectionId
+                assert stream.next(timeout=10)[0].ConnectionId == request.ConnectionId
             for channel in channels:
                 assert version_info(channel, bearer(token)) == server.version
             assert sorted(server.connection_ids) == sorted(r.ConnectionId for r in requests)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -14,25 +13,9 @@ import structlog
 import chronicle_conn as cc
 from chronicle_conn.devserver import DevServer
 from tests.harness.recorder import EventRecorder
+from tests.helpers import Capture
 
 S = cc.ConnectionState
-
-
-class Capture:
-    """A structlog processor that keeps every event dict and drops it."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.events: list[dict[str, object]] = []
-
-    def __call__(self, logger: object, method: str, event: dict[str, object]) -> None:
-        with self.lock:
-            self.events.append({**event, "level": method})
-        raise structlog.DropEvent
-
-    def names(self) -> list[object]:
-        with self.lock:
-            return [e["event"] for e in self.events]
 
 
 @pytest.fixture

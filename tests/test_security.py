@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -31,27 +30,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import chronicle_conn as cc
 from tests.harness.ports import free_port
-from tests.helpers import wait_for_generation
+from tests.helpers import Capture, wait_for_generation
 
 S = cc.ConnectionState
 PASSWORD = "p12-s3cret"
-
-
-class Capture:
-    """A structlog processor that keeps every event."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.events: list[dict[str, object]] = []
-
-    def __call__(self, logger: object, method: str, event: dict[str, object]) -> None:
-        with self.lock:
-            self.events.append({**event, "level": method})
-        raise structlog.DropEvent
-
-    def named(self, name: str) -> list[dict[str, object]]:
-        with self.lock:
-            return [e for e in self.events if e["event"] == name]
 
 
 @pytest.fixture

@@ -114,8 +114,7 @@ class TokenSource:
         self.refused: AuthenticationError | None = None
         #: Called (with no lock held) when ``refused`` is set.
         self.on_refused: Callable[[], None] | None = None
-        self.fetches = 0
-        self.refreshes = 0
+        self.fetches = 0  # requests made to the endpoint(s)
 
     def __repr__(self) -> str:
         return f"<TokenSource {self.url} client_id={self.client_id!r} secret=***>"
@@ -326,7 +325,6 @@ class TokenSource:
                 self.log.info("token_refreshed", after_failures=failures)
             delay = _RETRY_FIRST
             failures = 0
-            self.refreshes += 1
             self._store(fresh)
 
 

@@ -23,7 +23,7 @@ import grpc._interceptor
 import grpc._utilities
 from grpc._cython import cygrpc  # type: ignore[attr-defined]  # untyped
 
-from ._log import QuietLog, _Silent
+from ._log import QuietLog, Silent
 from .config import ConnectionConfig
 from .connection_string import ConnectionString
 from .errors import ConfigurationError
@@ -124,7 +124,7 @@ class ChannelFactory:
         cs = config.connection_string
         self.target = grpc_target(cs)
         self._cs = cs
-        self._log: Any = log if log is not None else QuietLog(_Silent())
+        self._log: Any = log if log is not None else QuietLog(Silent())
         self._connect_fun: ConnectFun | None = config.connect_fun
         self._disconnect_fun = config.disconnect_fun
         self._attempt_timeout = config.attempt_timeout

@@ -17,6 +17,7 @@ import grpc
 from google.protobuf import empty_pb2
 
 from . import _health
+from ._log import Silent
 from ._proto import host_pb2_grpc
 from .connection import Connection
 from .connection_string import ConnectionString
@@ -33,16 +34,6 @@ __all__ = ["ENV_VAR", "EXIT_AUTH", "EXIT_BAD_INPUT", "EXIT_DOWN", "EXIT_READY", 
 
 ENV_VAR = "CHRONICLE_CONNECTION_STRING"
 EXIT_READY, EXIT_DOWN, EXIT_BAD_INPUT, EXIT_AUTH = 0, 1, 2, 3
-
-
-class _Silent:
-    """Drops the library's events: the report says what matters, on its own streams."""
-
-    def bind(self, **context: Any) -> _Silent:
-        return self
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *args, **kwargs: None
 
 
 def _tls_mode(cs: ConnectionString) -> str:
@@ -90,7 +81,7 @@ def run_check(text: str | None, timeout: float, as_json: bool, out: TextIO = sys
             tls=_tls_mode(cs),
             auth=cs.authentication_mode.value,
         )
-        conn = Connection(cs, retry_attempts=None, logger=_Silent(), name=None)
+        conn = Connection(cs, retry_attempts=None, logger=Silent(), name=None)
     except ConfigurationError as exc:
         print(f"chronicle-conn check: {exc}", file=err)
         return EXIT_BAD_INPUT

@@ -77,6 +77,9 @@ _ESTABLISH_GRACE = 0.2
 #: How long past its deadline socket work (see ``Dialer._io``) may take to report.
 _IO_GRACE = 0.5
 
+#: How long close() waits for socket work it cut short (``Dialer.join_io``).
+_IO_JOIN = 0.5
+
 
 MakeGeneration = Callable[[grpc.Channel, Monitor], Generation]
 
@@ -101,6 +104,8 @@ class Dialer:
         self._stale_after = config.keepalive_stale_after
         #: Periodic probes come at least three times within ``keepalive_stale_after``.
         self.probe_interval = min(PROBE_INTERVAL, config.keepalive_stale_after / 3)
+        #: Socket work still running on its own thread (see ``_io``); supervisor only.
+        self._io_threads: list[threading.Thread] = []
 
     @property
     def factory(self) -> ChannelFactory:
@@ -177,6 +182,8 @@ class Dialer:
                 core.cond.notify_all()
 
         thread = threading.Thread(target=run, name=f"chronicle_conn-io[{core.label}]", daemon=True)
+        self._io_threads = [t for t in self._io_threads if t.is_alive()]
+        self._io_threads.append(thread)
         thread.start()
         with core.cond:
             core.cond.wait_for(
@@ -190,6 +197,14 @@ class Dialer:
             if core.fork_hold:
                 return Interrupted()
         return AttemptFailed(f"no answer within {self._attempt_timeout:g}s")
+
+    def join_io(self) -> None:
+        """On close: give socket work cut short by close() a moment (``_IO_JOIN``) to
+        end. Work against a peer that hangs ends later, within its own timeout."""
+        until = time.monotonic() + _IO_JOIN
+        for thread in self._io_threads:
+            thread.join(max(0.0, until - time.monotonic()))
+        self._io_threads = [t for t in self._io_threads if t.is_alive()]
 
     def _diagnosed(self, failure: Unreachable, deadline: float) -> AttemptFailed:
         """A transport failure that is really a configuration mistake (TLS against a

@@ -19,7 +19,7 @@ import logging
 import threading
 from typing import Any
 
-__all__ = ["QuietLog", "Router", "connection_log", "load", "module_log", "swallow"]
+__all__ = ["QuietLog", "Router", "Silent", "connection_log", "load", "module_log", "swallow"]
 
 # The logging HOWTO's advice for libraries: without a handler of the application's,
 # events are dropped, not printed by logging's last-resort handler.
@@ -148,8 +148,12 @@ def connection_log(logger: Any, **context: Any) -> QuietLog:
     return QuietLog(Router("chronicle_conn", context))
 
 
-class _Silent:
-    """Stands in for structlog before anything loaded it (nothing to log then)."""
+class Silent:
+    """A structlog-style logger that drops everything (``logger=Silent()``: a dry run,
+    a command that reports by itself)."""
+
+    def bind(self, **context: Any) -> Silent:
+        return self
 
     def __getattr__(self, name: str) -> Any:
         return lambda *args, **kwargs: None

@@ -326,6 +326,7 @@ class Supervisor:
                 core.cond.notify_all()
         if stopping:
             self.dialer.factory.close()
+            self.dialer.join_io()
             if gen is not None:
                 self._retire(gen, "closed")
             self._close_all()

@@ -31,6 +31,7 @@ from chronicle_conn import (
     ConnectionString,
     ConnectionStringError,
 )
+from chronicle_conn._log import Silent
 
 __all__ = [
     "ALIAS_KEYS",
@@ -235,16 +236,6 @@ def _invalid(settings: AliasSettings, exc: ConfigurationError) -> Invalid:
     return Invalid(E_OPTION_VALUE, f"{settings.where('OPTIONS')} is invalid: {exc}")
 
 
-class _SilentLogger:
-    """A structlog-like logger that drops everything: a dry run logs nothing."""
-
-    def bind(self, **context: Any) -> _SilentLogger:
-        return self
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *args, **kwargs: None
-
-
 def dry_run(settings: AliasSettings) -> None:
     """Validate the alias' values the way ``Connection(...)`` does, without connecting.
 
@@ -271,5 +262,5 @@ def dry_run(settings: AliasSettings) -> None:
             f"{settings.where('OPTIONS', 'auto_connect')} must be True or False, "
             f"not {auto_connect!r}",
         )
-    conn = build(settings, auto_connect=False, name=None, logger=_SilentLogger())
+    conn = build(settings, auto_connect=False, name=None, logger=Silent())  # logs nothing
     conn.close()

@@ -50,7 +50,7 @@ class _Pin(NamedTuple):
 
 def token_urls(cs: ConnectionString) -> list[str]:
     """The OAuth token endpoint of each host, on ``authPort`` or the gRPC port; https
-    with TLS, http without (DESIGN.md section 4)."""
+    with TLS, http without (as a Chronicle kernel serves it)."""
     scheme = "https" if cs.tls_enabled else "http"
     urls: list[str] = []
     for endpoint in cs.hosts:

@@ -25,6 +25,7 @@ import grpc
 from ._calls import CallError
 from ._events import EventQueue, Listener
 from ._generation import Generation
+from ._liveness import Monitor
 from ._log import QuietLog
 from .config import ConnectionConfig
 from .errors import (
@@ -55,8 +56,17 @@ class Counters:
     disconnects: int = 0
     attempts: int = 0
     failed_attempts: int = 0
-    keepalives: int = 0  # of monitors already retired
+    # Signs of life counted by monitors already replaced (see ``absorb``):
+    keepalives: int = 0
+    health_updates: int = 0
+    probes_answered: int = 0
     generation: int = 0  # the number of the newest generation
+
+    def absorb(self, monitor: Monitor) -> None:
+        """Add the signs of life a monitor being replaced has counted."""
+        self.keepalives += monitor.received
+        self.health_updates += monitor.health_updates
+        self.probes_answered += monitor.probes_answered
 
 
 class Core:
@@ -149,6 +159,7 @@ class Core:
                 delay=info.get("delay"),
                 error=info.get("error"),
                 generation=self.counters.generation,
+                outage=info.get("outage"),
             )
         )
         self.cond.notify_all()
@@ -334,6 +345,8 @@ class Core:
         for call in deferred:
             call.finish(grpc.StatusCode.CANCELLED, "chronicle_conn: the connection was closed")
         self.deliver()
+        if first:
+            self.log.info("closed", **({"reason": error} if error else {}))
         return first, thread
 
     def abandon(self) -> None:
@@ -357,7 +370,7 @@ class Core:
         with self.cond:
             self.prune_deferred()
             gen = self.current
-            live = gen.monitor.received if gen is not None else 0
+            monitor = gen.monitor if gen is not None else None
             c = self.counters
             return ConnectionStats(
                 name=self.config.name,
@@ -370,10 +383,13 @@ class Core:
                 failed_attempts=c.failed_attempts,
                 last_error=self.last_error,
                 current_delay=self.current_delay,
-                keepalives_received=c.keepalives + live,
+                keepalives_received=c.keepalives + (monitor.received if monitor else 0),
                 generation=c.generation,
                 liveness=self.liveness,
                 waiters=self.waiters + len(self.deferred),
+                health_updates_received=c.health_updates
+                + (monitor.health_updates if monitor else 0),
+                probes_answered=c.probes_answered + (monitor.probes_answered if monitor else 0),
             )
 
     def describe(self) -> str:

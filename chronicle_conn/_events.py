@@ -33,6 +33,8 @@ class EventQueue:
         self._sequence = 0  # of the next event
         #: (listener, the sequence number of the first event it is owed)
         self._listeners: list[tuple[Listener, int]] = []
+        #: The library's own listeners (metrics): every event, not in ``listeners()``.
+        self._observers: list[Listener] = []
 
     def push(self, change: StateChange) -> None:
         """Queue ``change``. Call with the lock held."""
@@ -47,6 +49,10 @@ class EventQueue:
         """Unregister ``listener`` (lock held). ``==``, not ``is``: a bound method is a new
         object each time it is looked up."""
         self._listeners = [(f, n) for f, n in self._listeners if f != listener]
+
+    def observe(self, observer: Listener) -> None:
+        """Register one of the library's own listeners (lock held)."""
+        self._observers.append(observer)
 
     def listeners(self) -> list[Listener]:
         return [listener for listener, _ in self._listeners]
@@ -68,9 +74,12 @@ class EventQueue:
                 events = list(self._events)
                 self._events.clear()
                 listeners = list(self._listeners)
+                observers = list(self._observers)
             try:
                 for sequence, change in events:
-                    self._log.info(
+                    # DEBUG: the events that matter (connected, connection_lost,
+                    # reconnected, retries_exhausted) are logged by the supervisor, once.
+                    self._log.debug(
                         "state_changed",
                         old=change.old.value,
                         new=change.new.value,
@@ -78,7 +87,14 @@ class EventQueue:
                         delay=change.delay,
                         error=change.error,
                         generation=change.generation,
+                        outage=change.outage,
                     )
+                    for observer in observers:
+                        try:
+                            observer(change)
+                        except BaseException as exc:
+                            swallow(exc)
+                            self._log.exception("observer_failed", observer=repr(observer))
                     for listener, first in listeners:
                         if sequence < first:
                             continue

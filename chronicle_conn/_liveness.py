@@ -165,7 +165,10 @@ class Monitor:
         #: The status code that ended the stream, if one did (UNAUTHENTICATED: refused).
         self.code: grpc.StatusCode | None = None
         self.last_seen: float | None = None
+        # Signs of life, each under its own name (``ConnectionStats``):
         self.received = 0  # keep-alives received (keepalive mode)
+        self.health_updates = 0  # SERVING messages on the Watch stream (health mode)
+        self.probes_answered = 0  # periodic probes answered (every mode)
         #: Set when a sign says the transport may be gone; the supervisor verifies it.
         self.suspect: str | None = None
         self._call: Any = None
@@ -268,6 +271,7 @@ class Monitor:
 
     def _alive(self, answer: Any) -> None:
         """A probe was answered (``answer``: the successful future, or None). Lock held."""
+        self.probes_answered += 1
         self.last_seen = self._clock()
 
     def stop(self) -> None:
@@ -450,6 +454,7 @@ class HealthMonitor(Monitor):
                         if self.status is MonitorStatus.PENDING:
                             self._established()
                         self.last_seen = self._clock()
+                        self.health_updates += 1
                     else:
                         self._not_serving(response.status)
                     self._cond.notify_all()
@@ -492,10 +497,12 @@ class HealthMonitor(Monitor):
         if answer is None:
             # Answered with an error (UNIMPLEMENTED: Watch without Check): the server is
             # there, but this probe says nothing more; the Watch stream still watches.
+            self.probes_answered += 1
             self.last_seen = self._clock()
             return
         status = answer.result().status
         if status == _health.SERVING:
+            self.probes_answered += 1
             self.last_seen = self._clock()
         else:
             self._not_serving(status)

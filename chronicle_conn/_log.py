@@ -1,7 +1,7 @@
 """The library's logger: events that follow the application's logging, and can never
 take a thread down with them.
 
-A library is quiet unless its application asks (DESIGN.md section 7). Each event goes
+A library is quiet unless its application asks. Each event goes
 to structlog when the application configured structlog (checked at each event, so a
 configuration made after the connection counts), else to the standard ``logging``
 logger of the same name (``chronicle_conn``, ``chronicle_conn.devserver``) as one line,
@@ -16,10 +16,21 @@ structlog is imported when the first connection is built (on its constructing th
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from typing import Any
 
-__all__ = ["QuietLog", "Router", "Silent", "connection_log", "load", "module_log", "swallow"]
+__all__ = [
+    "FailureStreak",
+    "QuietLog",
+    "Router",
+    "Silent",
+    "brief",
+    "connection_log",
+    "load",
+    "module_log",
+    "swallow",
+]
 
 # The logging HOWTO's advice for libraries: without a handler of the application's,
 # events are dropped, not printed by logging's last-resort handler.
@@ -163,3 +174,93 @@ def module_log() -> QuietLog:
     """A logger for events that belong to no one connection (callbacks of calls and
     subscriptions)."""
     return QuietLog(Router("chronicle_conn"))
+
+
+#: What a long grpc error comes down to, most telling first: (words in it, short form).
+_CAUSES = (
+    ("connection refused", "connection refused"),
+    ("connection reset", "connection reset"),
+    ("dns resolution failed", "name not resolved"),
+    ("name or service not known", "name not resolved"),
+    ("no route to host", "no route to host"),
+    ("network is unreachable", "network unreachable"),
+    ("goaway", "server going away (GOAWAY)"),
+    ("handshake failed", "TLS handshake failed"),
+    ("deadline exceeded", "timed out"),
+    ("timed out", "timed out"),
+    ("socket closed", "socket closed"),
+    ("broken pipe", "broken pipe"),
+    ("cancelling all calls", "channel closed"),
+)
+
+#: A gRPC status code name followed by its message: ``UNAVAILABLE: ...``.
+_STATUS = re.compile(r"\b[A-Z][A-Z_]{3,}: ")
+
+#: Errors up to this long are kept whole.
+_SHORT = 100
+
+
+def brief(text: str | None) -> str | None:
+    """A long error in a few words, for INFO and WARNING events: what failed (the words
+    before the first status code, ``keep-alive answer: ``) and the cause grpc names
+    (``connection refused``). Short errors, our own sentences among them (a TLS
+    diagnosis says what to change), are kept whole; ``stats().last_error`` and DEBUG
+    events keep every error whole."""
+    if text is None or len(text) <= _SHORT:
+        return text
+    found = _STATUS.search(text)
+    what = text[: found.start()] if found else ""
+    if len(what) > _SHORT:
+        return text[: _SHORT - 1] + "\u2026"
+    rest = text[len(what) :].lower()
+    for words, short in _CAUSES:
+        if words in rest:
+            return what + short
+    first = text[len(what) :].split("; ", 1)[0]
+    if len(what) + len(first) > _SHORT:
+        first = first[: max(20, _SHORT - len(what)) - 1] + "\u2026"
+    return what + first
+
+
+class FailureStreak:
+    """Failed attempts in a row, summarised: after the first (reported by the caller),
+    one summary when ``first_after`` seconds have passed, then after twice as long each
+    time, up to every ``longest`` seconds, so a long outage is a bounded number of lines
+    (``12 attempts failed the same way in 30 s: connection refused``)."""
+
+    def __init__(self, first_after: float = 30.0, longest: float = 600.0) -> None:
+        self._first_after = first_after
+        self._longest = longest
+        self.reset()
+
+    def reset(self) -> None:
+        self.total = 0
+        self._window_start: float | None = None
+        self._interval = self._first_after
+        self._count = 0
+        self._kinds: set[str] = set()
+
+    def failed(self, now: float, error: str) -> dict[str, Any] | None:
+        """Count one failure (``error`` already short); return a summary when one is due."""
+        self.total += 1
+        if self._window_start is None:
+            self._window_start = now
+            return None
+        self._count += 1
+        self._kinds.add(error)
+        span = now - self._window_start
+        if span < self._interval:
+            return None
+        count, kinds = self._count, len(self._kinds)
+        how = "the same way" if kinds == 1 else f"{kinds} different ways"
+        summary = {
+            "summary": f"{count} attempts failed {how} in {span:.0f} s: {error}",
+            "attempts": count,
+            "seconds": round(span, 1),
+            "error": error,
+        }
+        self._window_start = now
+        self._interval = min(self._interval * 2, self._longest)
+        self._count = 0
+        self._kinds = set()
+        return summary

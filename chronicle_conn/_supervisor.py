@@ -29,7 +29,7 @@ from ._core import Core
 from ._dialer import AttemptFailed, Dialer, Interrupted, Refused, Unreachable
 from ._generation import Generation, park
 from ._liveness import Monitor, MonitorStatus
-from ._log import swallow
+from ._log import FailureStreak, brief, swallow
 from ._schedule import DelaySchedule, exponential
 from .config import LivenessMode, ReconnectPolicy
 from .errors import AuthenticationError, ChronicleConnError
@@ -108,6 +108,9 @@ class Supervisor:
         self._running: threading.Thread | None = None  # the thread, until its very end
         self._resumed_at = -math.inf  # time.monotonic() of the last fork's end
         self._refused_before: str | None = None  # the last connect_refused reason logged
+        #: core.clock() when the connection was lost, until it is back (outage length).
+        self._down_since: float | None = None
+        self._streak = FailureStreak()  # failed attempts in a row, for the log
         self._pid = os.getpid()
         problem = _fork.register(self)
         if problem is not None:
@@ -206,6 +209,8 @@ class Supervisor:
         self._call_suspect = None
         self._crashes = 0
         self._running = None
+        self._down_since = None  # the child starts over: no outage of its own yet
+        self._streak = FailureStreak()
         self.dialer.factory.fork_child()
         core.reset_after_fork()
 
@@ -409,7 +414,11 @@ class Supervisor:
                 counted = schedule.start(core.clock())
                 core.counters.attempts += 1
                 core.current_delay = None
-            core.log.debug("attempt_started", attempt=schedule.counted, counted=counted)
+            core.log.debug(
+                "attempt_started",
+                attempt=schedule.counted,
+                **({} if counted else {"beyond_budget": True}),
+            )
             result = self.dialer.attempt(schedule.counted)
             if isinstance(result, Generation):
                 return self._install(result, schedule.counted)
@@ -432,14 +441,22 @@ class Supervisor:
             if schedule.exhausted:
                 self._exhausted(schedule.counted, result)
                 return None
-            core.log.debug(
-                "attempt_failed",
-                attempt=schedule.counted,
-                counted=counted,
-                error=str(result),
-                delay=round(schedule.delay or 0.0, 3),
-            )
+            self._log_failure(schedule, str(result))
             self._backoff(schedule)
+
+    def _log_failure(self, schedule: DelaySchedule, error: str) -> None:
+        """One failed attempt: ``attempt_failed`` at DEBUG. The first of a connect (an
+        outage has ``connection_lost``) is also ``connect_failing`` at INFO, and a long
+        run of them is summarised now and then at WARNING (see ``FailureStreak``)."""
+        core = self.core
+        delay = round(schedule.delay or 0.0, 3)
+        core.log.debug("attempt_failed", attempt=schedule.counted, error=error, delay=delay)
+        short = brief(error) or error
+        summary = self._streak.failed(core.clock(), short)
+        if self._streak.total == 1 and self._down_since is None:
+            core.log.info("connect_failing", error=short, retry_in=delay)
+        if summary is not None:
+            core.log.warning("still_failing", **summary)
 
     def _backoff(self, schedule: DelaySchedule) -> None:
         """Sleep until the next attempt is due: the exponential schedule, or the demand
@@ -462,6 +479,7 @@ class Supervisor:
     def _install(self, gen: Generation, attempt: int) -> Generation | None:
         """Make ``gen`` current and CONNECTED, and send the calls that waited for it."""
         core = self.core
+        outage: float | None = None
         with core.cond:
             installed = not self._stopping()
             deferred: list[CallError] = []
@@ -471,7 +489,10 @@ class Supervisor:
                 core.current_delay = None
                 core.armed = True
                 self._crashes = 0
-                core.transition(_S.CONNECTED, attempt=attempt)
+                if self._down_since is not None:
+                    outage = round(max(0.0, core.clock() - self._down_since), 3)
+                    self._down_since = None
+                core.transition(_S.CONNECTED, attempt=attempt, outage=outage)
                 self._refused_before = None
                 deferred = core.take_deferred()
         if not installed:
@@ -479,7 +500,19 @@ class Supervisor:
             return None
         core.deliver()
         self._send(gen, deferred)
-        core.log.info("connected", generation=gen.number, liveness=core.liveness)
+        failed, self._streak = self._streak.total, FailureStreak()
+        if outage is None:
+            core.log.info(
+                "connected", generation=gen.number, liveness=core.liveness, failed_attempts=failed
+            )
+        else:
+            core.log.info(
+                "reconnected",
+                generation=gen.number,
+                outage_s=outage,
+                failed_attempts=failed,
+                liveness=core.liveness,
+            )
         return gen
 
     def _send(self, gen: Generation, calls: list[CallError]) -> None:
@@ -540,7 +573,8 @@ class Supervisor:
             log = core.log.debug if repeated else core.log.error
             log("connect_refused", error=str(error), kind=type(refused).__name__)
         else:
-            core.log.warning("retries_exhausted", attempts=attempts, error=str(error))
+            core.log.warning("retries_exhausted", attempts=attempts, error=brief(str(error)))
+        self._streak = FailureStreak()
         callback = core.config.on_retries_exhausted
         conn = core.owner()
         if callback is not None and conn is not None:
@@ -572,7 +606,7 @@ class Supervisor:
                     return None
                 continue
             if action is _Act.STALE:
-                core.log.warning("liveness_stale", reason=reason)
+                core.log.debug("liveness_stale", reason=reason)  # connection_lost says it
             if action in (_Act.LOST, _Act.STALE):
                 self._lose(gen, reason)
                 return None
@@ -674,7 +708,7 @@ class Supervisor:
         if monitor is None:
             return error  # gen keeps the old monitor; _retire counts its keep-alives
         with core.cond:
-            core.counters.keepalives += old.received
+            core.counters.absorb(old)
             gen.monitor = monitor
         return None
 
@@ -710,10 +744,12 @@ class Supervisor:
                 core.last_error = reason
                 core.last_exc = exc
                 core.counters.disconnects += 1
+                if self._down_since is None:
+                    self._down_since = core.clock()
                 if core.state is _S.CONNECTED:
                     core.transition(_S.RECONNECTING, error=reason)
         if not stopping:
-            core.log.warning("connection_lost", reason=reason, generation=gen.number)
+            core.log.warning("connection_lost", reason=brief(reason), generation=gen.number)
         core.deliver()
         self._retire(
             gen, f"chronicle_conn: connection lost ({reason}); drain_timeout passed", lost=True
@@ -732,7 +768,7 @@ class Supervisor:
         if not isinstance(result, Generation):
             if self._stopping():
                 return None
-            core.log.warning("replacement_failed", reason=reason, error=str(result))
+            core.log.warning("replacement_failed", reason=reason, error=brief(str(result)))
             with core.cond:
                 core.last_error = f"{reason}: {result}"
                 core.last_exc = result
@@ -765,7 +801,7 @@ class Supervisor:
         cap_at = None if drain is None else core.clock() + drain
         drained = gen.retire()
         with core.cond:
-            core.counters.keepalives += gen.monitor.received
+            core.counters.absorb(gen.monitor)
             self._retired.append(_Retiree(gen, cap_at, unavailable, lost))
             if drained:
                 self._drained = True

@@ -26,7 +26,7 @@ GrpcOptions = tuple[tuple[str, Any], ...]
 
 
 class LivenessMode(str, enum.Enum):
-    """How a connection notices that its server is gone (DESIGN.md section 3).
+    """How a connection notices that its server is gone.
 
     ``TRANSPORT``: the channel's own connectivity only. ``KEEPALIVE``: the Chronicle
     kernel's ``Connect`` keep-alive stream. ``HEALTH``: a ``grpc.health.v1`` Watch.
@@ -164,6 +164,8 @@ class ConnectionConfig:
         on_retries_exhausted: ``(connection) -> None``, called when the budget runs out
             (with the ``Connection``).
         logger: a structlog-style logger to use instead of the module's.
+        meter_provider: the OpenTelemetry ``MeterProvider`` for metrics (None: the
+            global one, when ``opentelemetry-api`` is installed).
     """
 
     connection_string: ConnectionString
@@ -187,6 +189,7 @@ class ConnectionConfig:
         default=None, compare=False, repr=False
     )
     logger: Any = field(default=None, compare=False, repr=False)
+    meter_provider: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.connection_string, ConnectionString):

@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from . import _fork, _liveness, _log, _schedule
+from . import _fork, _liveness, _log, _metrics, _schedule
 from ._channel_factory import ChannelFactory
 from ._core import Core
 from ._log import connection_log
@@ -125,6 +125,9 @@ class Connection:
         on_retries_exhausted: ``(connection) -> None``, called when a budget runs out.
         logger: a structlog logger to use (default: structlog's ``chronicle_conn`` logger
             when the application configured structlog, else standard ``logging``'s).
+        meter_provider: the OpenTelemetry ``MeterProvider`` to report metrics to
+            (default: OpenTelemetry's global one; used only when ``opentelemetry-api``
+            is installed, the ``otel`` extra).
         attempt_timeout: bound on one attempt (a host that never answers), seconds.
         keepalive_stale_after: no sign of life for this long means lost, seconds.
         max_channel_age: replace the channel after this many seconds (None: never).
@@ -156,6 +159,7 @@ class Connection:
         disconnect_fun: Callable[[grpc.Channel], None] | None = None,
         on_retries_exhausted: Callable[[Connection], None] | None = None,
         logger: Any = None,
+        meter_provider: Any = None,
         attempt_timeout: float = 5.0,
         keepalive_stale_after: float = 5.0,
         max_channel_age: float | None = None,
@@ -189,6 +193,7 @@ class Connection:
             disconnect_fun=disconnect_fun,
             on_retries_exhausted=on_retries_exhausted,
             logger=logger,
+            meter_provider=meter_provider,
         )
         # Deferred from the package import (they cost as much as the rest of it), and
         # imported now, on the constructing thread: never first by a background thread.
@@ -202,6 +207,9 @@ class Connection:
         self._core = core = Core(config, clock=clock, label=self._label, log=log)
         self._supervisor = Supervisor(core, factory, delay_factory=delay_factory)
         self._managed = ManagedChannel(core)
+        _metrics.attach(
+            core, config.meter_provider, connection=name or self._label, target=cs.redacted()
+        )
         core.bind(self._supervisor.start, self)
         self._pid = os.getpid()
         self._fork_lock = threading.Lock()

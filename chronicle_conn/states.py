@@ -67,6 +67,8 @@ class StateChange:
         delay: the delay in seconds before the next attempt, when one is scheduled.
         error: a short, redacted description of the cause, if any.
         generation: the channel generation current after the transition.
+        outage: on a transition to CONNECTED after the connection was lost, how long
+            it was down, in seconds (None otherwise, the first connect included).
     """
 
     old: ConnectionState
@@ -76,6 +78,7 @@ class StateChange:
     delay: float | None = None
     error: str | None = None
     generation: int = 0
+    outage: float | None = None
 
     def __str__(self) -> str:
         """``connected -> reconnecting (attempt 3, next in 2.0 s): reason``."""
@@ -84,6 +87,8 @@ class StateChange:
             details.append(f"attempt {self.attempt}")
         if self.delay is not None:
             details.append(f"next in {self.delay:.1f} s")
+        if self.outage is not None:
+            details.append(f"down {self.outage:.1f} s")
         text = f"{self.old.value} -> {self.new.value}"
         if details:
             text += f" ({', '.join(details)})"
@@ -94,7 +99,11 @@ class StateChange:
 class ConnectionStats:
     """A consistent snapshot of a connection's counters (see ``Connection.stats()``).
 
-    Nothing in it is secret: the target and the last error are redacted.
+    Nothing in it is secret: the target and the last error are redacted. Each sign of
+    life is counted under its own name: ``keepalives_received`` (the Chronicle kernel's
+    keep-alives, ``keepalive`` liveness), ``health_updates_received`` (SERVING messages
+    on a ``grpc.health.v1`` Watch stream, ``health`` liveness) and ``probes_answered``
+    (the periodic probes that look for a silent partition, in every mode).
     """
 
     name: str | None
@@ -111,3 +120,5 @@ class ConnectionStats:
     generation: int
     liveness: str
     waiters: int
+    health_updates_received: int = 0
+    probes_answered: int = 0

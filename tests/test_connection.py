@@ -74,6 +74,7 @@ def test_connect_channel_and_stats(make_conn, devserver, recorder):
     assert stats.liveness == "keepalive"
     assert devserver.wait_for(lambda: len(devserver.keepalive_answers) >= 2, 5)
     assert conn.stats().keepalives_received >= 2
+    assert conn.stats().health_updates_received == 0  # keep-alive mode: no Watch stream
 
     request = devserver.connect_requests[0]
     assert request.ClientType == "Python"
@@ -495,6 +496,20 @@ def test_plain_grpc_server_works(make_conn, with_health, expected, recorder):
         assert conn.stats().liveness == expected
         say = conn.channel().unary_unary("/test.Echo/Say")
         assert say(b"hello", timeout=5) == b"hello"
+        # Each sign of life under its own name: no keep-alives from a plain server.
+        core = conn._core
+        with core.cond:
+            # (the lock is held: read the monitor, not stats())
+            assert core.cond.wait_for(
+                lambda: core.current is not None and core.current.monitor.probes_answered >= 1,
+                10,
+            )
+        stats = conn.stats()
+        assert stats.keepalives_received == 0
+        if servicer is None:
+            assert stats.health_updates_received == 0
+        else:
+            assert stats.health_updates_received >= 1
         if servicer is not None:
             mark = len(recorder)
             servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)

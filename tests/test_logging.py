@@ -57,7 +57,13 @@ def test_events_follow_a_configuration_made_after_the_connection(capture):
         server.stop(0)
 
     names = capture.names()
-    for expected in ("state_changed", "attempt_started", "connected", "connection_lost"):
+    for expected in (
+        "state_changed",
+        "attempt_started",
+        "connected",
+        "connection_lost",
+        "reconnected",
+    ):
         assert expected in names, names
     assert "attempt_failed" in names, sorted(set(names))
     redacted = conn.config.connection_string.redacted()
@@ -148,9 +154,29 @@ def test_an_outage_of_20_failed_attempts_is_a_bounded_number_of_info_events():
     assert proc.stdout == ""
     lines = [line for line in proc.stderr.splitlines() if ":chronicle_conn:" in line]
     assert not [line for line in lines if line.startswith("DEBUG")]
-    assert not [line for line in lines if " attempt_failed " in f" {line} "]
-    # Two connections' whole lives: about a dozen lines, however many attempts failed.
-    assert 5 <= len(lines) <= 16, lines
+    # Two connections' whole lives, one line per thing that happened, however many
+    # attempts failed: connected; the outage; the recovery; closed; a connection that
+    # cannot connect, gives up, and is closed.
+    events = [line.split(":", 2)[2].split(" ", 1)[0] for line in lines]
+    assert events == [
+        "connected",
+        "connection_lost",
+        "reconnected",
+        "closed",
+        "connect_failing",
+        "retries_exhausted",
+        "closed",
+    ], lines
+    # Short reasons: a long grpc error is said once, in a few words.
+    lost, back, failing, exhausted = lines[1], lines[2], lines[4], lines[5]
+    assert "connection refused" in lost
+    assert "failed to connect to all addresses" not in lost
+    assert "outage_s=" in back
+    assert "failed_attempts=" in back
+    assert int(back.split("failed_attempts=")[1].split()[0]) >= 20
+    assert "error='connection refused'" in failing
+    assert "error='connection refused'" in exhausted
+    assert max(len(line) for line in lines) < 300, lines
 
 
 def test_a_state_change_reads_as_a_sentence():
@@ -159,3 +185,91 @@ def test_a_state_change_reads_as_a_sentence():
     )
     assert str(change) == "connected -> reconnecting (attempt 3, next in 2.0 s): stream ended"
     assert str(cc.StateChange(S.IDLE, S.CONNECTING, time.time())) == "idle -> connecting"
+
+
+def test_a_reconnect_says_how_long_the_connection_was_down():
+    change = cc.StateChange(S.RECONNECTING, S.CONNECTED, time.time(), attempt=4, outage=2.25)
+    assert str(change) == "reconnecting -> connected (attempt 4, down 2.2 s)"
+
+
+@pytest.mark.parametrize(
+    ("error", "short"),
+    [
+        (
+            "keep-alive answer: UNAVAILABLE: Cancelling all calls; UNAVAILABLE: failed to "
+            "connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:38869: Failed "
+            "to connect to remote host: Connection refused",
+            "keep-alive answer: connection refused",
+        ),
+        (
+            "UNAVAILABLE: failed to connect to all addresses; last error: UNKNOWN: "
+            "ipv4:10.0.0.1:35000: Failed to connect to remote host: Connection reset by peer",
+            "connection reset",
+        ),
+        (
+            "UNAVAILABLE: DNS resolution failed for kernel.invalid:35000: C-ares status is "
+            "not ARES_SUCCESS qtype=A name=kernel.invalid is_balancer=0: Domain name not found",
+            "name not resolved",
+        ),
+        ("keep-alive stream: UNAVAILABLE: Socket closed", None),  # short: kept whole
+        (
+            "the certificate of 127.0.0.1:35000 (for localhost) is not trusted by caPath "
+            "'/etc/ca.pem': set caPath to the CA that signed it",
+            None,  # a sentence of ours, no status code: kept whole up to its length
+        ),
+    ],
+)
+def test_long_grpc_errors_are_said_in_a_few_words(error, short):
+    from chronicle_conn._log import brief
+
+    result = brief(error)
+    if short is None:
+        assert result == error if len(error) <= 100 else result.endswith("\u2026")
+    else:
+        assert result == short
+
+
+def test_a_long_run_of_identical_failures_is_summarised_a_bounded_number_of_times():
+    from chronicle_conn._log import FailureStreak
+
+    streak = FailureStreak(first_after=30, longest=600)
+    summaries = [s for t in range(3600) if (s := streak.failed(float(t), "connection refused"))]
+    # An hour of one failure a second: after 30 s, then 60, 120, 240, 480 and every 600 s.
+    assert [s["seconds"] for s in summaries] == [30, 60, 120, 240, 480, 600, 600, 600, 600]
+    assert summaries[0]["summary"] == "30 attempts failed the same way in 30 s: connection refused"
+    assert streak.total == 3600
+    mixed = FailureStreak(first_after=2)
+    errors = ["refused", "refused", "reset", "refused"]
+    got = [s for t, e in enumerate(errors) if (s := mixed.failed(float(t), e))]
+    # The first failure is the caller's to report; the summary covers the next ones.
+    assert [s["summary"] for s in got] == ["2 attempts failed 2 different ways in 2 s: reset"]
+
+
+@pytest.mark.timeout(60)
+def test_a_long_outage_is_summarised_while_it_lasts(monkeypatch, capture):
+    """Through a real connection to a port nobody listens on (the summary interval made
+    short): connect_failing once, then still_failing summaries, bounded."""
+    from chronicle_conn import _supervisor
+    from chronicle_conn._log import FailureStreak
+
+    monkeypatch.setattr(_supervisor, "FailureStreak", lambda: FailureStreak(0.3, 0.6))
+    structlog.configure(processors=[capture])
+    conn = cc.Connection(
+        "chronicle://127.0.0.1:1?disableTls=true",
+        retry_attempts=None,
+        reconnect_base_delay=0.02,
+        reconnect_max_delay=0.05,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len(capture.named("still_failing")) < 3:
+            assert time.monotonic() < deadline, capture.names()
+            with conn._core.cond:
+                conn._core.cond.wait(0.05)
+    finally:
+        conn.close()
+    assert len(capture.named("connect_failing")) == 1
+    first = capture.named("still_failing")[0]
+    assert first["error"] == "connection refused"
+    assert first["attempts"] >= 2
+    assert "attempts failed the same way in" in first["summary"]

@@ -73,7 +73,7 @@ def test_devserver_embeds_clients_proto_verbatim() -> None:
     )
 
 
-# -- the contract (shared/CHRONICLE_CONTRACT.md) -----------------------------------------
+# -- the contract: the kernel's wire names and field numbers ------------------------------
 
 CLIENTS = "Cratis.Chronicle.Contracts.Clients"
 HOST = "Cratis.Chronicle.Contracts.Host"

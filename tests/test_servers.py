@@ -263,9 +263,8 @@ def check_connections(server: WsgiServer, pids: set[int], config: Config) -> Non
     connected = {e["pid"] for e in events if e["event"] == "connected"}
     assert pids <= connected, f"workers {sorted(pids - connected)} never logged 'connected'"
     if config.master_connects:
-        master = [e for e in events if e["pid"] == server.pid and e["event"] == "state_changed"]
-        assert master, "the master logged no state change"
-        assert master[-1]["new"] == "connected", f"the master's connection: {master[-1]}"
+        # (and stayed so: no connection_lost of any pid, above)
+        assert server.pid in connected, "the master's connection never logged 'connected'"
     else:
         assert server.pid not in connected, "the master connected, though it has no app"
 
@@ -539,9 +538,7 @@ def test_clean_stop_closes_every_connection(
         assert server.wait(timeout=20) == 0
         exited = time.monotonic() - stopping
         events = log_events(server.log_text())
-        closed = {
-            e["pid"] for e in events if e["event"] == "state_changed" and e["new"] == "closed"
-        }
+        closed = {e["pid"] for e in events if e["event"] == "closed"}
         assert pids <= closed, f"workers {sorted(pids - closed)} did not close their connection"
         print(
             f"{config.name}: kernel saw 0 connections {gone:.2f}s after SIGTERM; master "

@@ -6,6 +6,12 @@ Subcommands:
     Connect to a server with the library and report (see :mod:`chronicle_conn._check`):
     exit 0 ready, 1 not reachable in time, 2 bad input, 3 credentials refused.
 
+``watch``
+    Watch one connection live until Ctrl-C or SIGTERM (see :mod:`chronicle_conn._watch`):
+    every state change as a line (``--json``: a JSON object), on a terminal also a status
+    line updated in place; at the end a summary (time connected, outages, the longest).
+    Exit 0 when stopped, 2 bad input.
+
 ``dev-server``
     Run the embedded stand-in kernel (:class:`~chronicle_conn.devserver.DevServer`)
     until SIGTERM or SIGINT, then stop cleanly and exit 0. Prints one line to stdout,
@@ -28,6 +34,9 @@ Subcommands:
 
 Each subcommand is one ``_add_<name>(subparsers)`` function in :data:`_SUBCOMMANDS`
 that declares its options and sets ``handler``; add a subcommand by adding one.
+
+Bad input to any of them (an unknown subcommand or option, a bad value) is one line on
+stderr, ``chronicle-conn <command>: <what is wrong> (see '... --help')``, and exit 2.
 """
 
 from __future__ import annotations
@@ -40,11 +49,12 @@ import os
 import signal
 import socket
 import sys
+import textwrap
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TextIO, TypeAlias
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeAlias
 
 import grpc
 import structlog
@@ -60,26 +70,58 @@ __all__ = ["CONTROL_COMMANDS", "main"]
 _PROG = "chronicle-conn"
 
 if TYPE_CHECKING:
-    _SubParsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
+    _SubParsers: TypeAlias = argparse._SubParsersAction["_Parser"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # blamed on the subcommand they were given to
+        owner: argparse.ArgumentParser = getattr(args, "parser", parser)
+        owner.error(f"unrecognized arguments: {' '.join(unknown)}")
     handler: Callable[[argparse.Namespace], int] = args.handler
-    return handler(args)
+    try:
+        return handler(args)
+    except KeyboardInterrupt:  # Ctrl-C where a subcommand does not handle it: no traceback
+        return 130
+
+
+def _wrap(text: str) -> str:
+    """A description wrapped for ``RawDescriptionHelpFormatter`` (which keeps the
+    epilog's examples as written, but does not wrap the description either)."""
+    return textwrap.fill(text, width=80)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that reports bad input in one line on stderr, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=_PROG,
-        description="chronicle_conn tools: a stand-in Chronicle kernel and checks.",
+        description=_wrap(
+            "chronicle_conn tools: check or watch a connection to a Chronicle kernel, run a "
+            "stand-in kernel."
+        ),
+        epilog=(
+            "examples:\n"
+            "  chronicle-conn check chronicle://kernel:35000 --json\n"
+            "  chronicle-conn check --timeout 3 || exit 1    # a container health check\n"
+            "  CHRONICLE_CONNECTION_STRING=... chronicle-conn watch\n"
+            "  chronicle-conn dev-server --port 35000"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_subcommand in _SUBCOMMANDS:
         add_subcommand(subparsers)
+    for subparser in subparsers.choices.values():
+        subparser.set_defaults(parser=subparser)
     return parser
 
 
@@ -561,7 +603,7 @@ def _add_check(subparsers: _SubParsers) -> None:
     parser = subparsers.add_parser(
         "check",
         help="connect to a server and report (exit 0 ready, 1 not, 2 bad input, 3 auth)",
-        description=(
+        description=_wrap(
             "Connect to a Chronicle kernel (or any gRPC server) with the library and report "
             "the redacted target, TLS and auth mode, time to ready, liveness mode, kernel "
             "version, a call's round trip and health. Exit codes: 0 ready; 1 not reachable "
@@ -570,8 +612,10 @@ def _add_check(subparsers: _SubParsers) -> None:
         ),
         epilog=(
             "examples:\n"
+            "  chronicle-conn check chronicle://kernel:35000 --json\n"
             "  chronicle-conn check 'chronicle://127.0.0.1:35000?disableTls=true'\n"
-            "  CHRONICLE_CONNECTION_STRING=... chronicle-conn check --json --timeout 3"
+            "  CHRONICLE_CONNECTION_STRING=... chronicle-conn check --json --timeout 3\n"
+            "  chronicle-conn check --timeout 3 || exit 1    # a container health check"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -592,10 +636,56 @@ def _run_check(args: argparse.Namespace) -> int:
     return run_check(args.connection_string, args.timeout, args.json)
 
 
+# -- watch ------------------------------------------------------------------------------
+
+
+def _add_watch(subparsers: _SubParsers) -> None:
+    from ._watch import MAX_DELAY, REARM_INTERVAL  # noqa: PLC0415 - like its handler
+
+    parser = subparsers.add_parser(
+        "watch",
+        help="watch a connection live: every state change, a summary at Ctrl-C",
+        description=_wrap(
+            "Watch one connection with the library until Ctrl-C or SIGTERM, retrying for "
+            f"ever (backoff up to {MAX_DELAY:g} s): a first line saying what is watched, "
+            "then one line per state change with its time, attempt, next delay and reason. "
+            "On a terminal, also a status line updated in place (countdown to the next "
+            "attempt, time up, keep-alives), coloured unless NO_COLOR is set. TLS or "
+            f"credentials refused (FAILED) is tried again every {REARM_INTERVAL:g} s. On "
+            "exit: a summary (time watched, time connected, outages, the longest) and "
+            "exit 0. Exit 2: a bad connection string or option."
+        ),
+        epilog=(
+            "examples:\n"
+            "  chronicle-conn watch 'chronicle://127.0.0.1:35000?disableTls=true'\n"
+            "  CHRONICLE_CONNECTION_STRING=... chronicle-conn watch\n"
+            "  chronicle-conn watch chronicle://kernel:35000 --json > connection.jsonl"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "connection_string",
+        nargs="?",
+        metavar="CONNECTION_STRING",
+        help="default: $CHRONICLE_CONNECTION_STRING, else chronicle://localhost:35000",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON object per line, a summary object last"
+    )
+    parser.set_defaults(handler=_run_watch)
+
+
+def _run_watch(args: argparse.Namespace) -> int:
+    from ._watch import run_watch  # noqa: PLC0415 - only this subcommand needs a Connection
+
+    return run_watch(args.connection_string, args.json)
+
+
 _SUBCOMMANDS: tuple[Callable[[_SubParsers], None], ...] = (
     _add_check,
     _add_demo,
     _add_dev_server,
     _add_selfcheck,
+    _add_watch,
 )
 """Every subcommand's ``_add_<name>(subparsers)``, in ``--help`` order."""

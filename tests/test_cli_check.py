@@ -107,6 +107,9 @@ def test_tls_against_a_plaintext_server_exits_1_with_the_reason(grpcio_server) -
         ("http://host",),
         ("chronicle://h?disableTls=maybe",),
         ("chronicle://127.0.0.1:1", "--timeout", "0"),
+        ("chronicle://127.0.0.1:1", "--timeout", "abc"),
+        ("--bogus",),
+        ("chronicle://a", "chronicle://b"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_no_traceback(args) -> None:

@@ -70,12 +70,13 @@ def run_check(text: str | None, timeout: float, as_json: bool, out: TextIO = sys
     """Check the server ``text`` names (default: ``$CHRONICLE_CONNECTION_STRING``, else
     ``ConnectionString.default()``); print the report; return the exit code."""
     err = sys.stderr
-    source = text if text is not None else os.environ.get(ENV_VAR)
+    # An empty variable counts as unset; an empty argument is a bad string.
+    source = text if text is not None else (os.environ.get(ENV_VAR) or None)
     report: dict[str, Any] = {"ready": False}
     try:
         if not timeout > 0:
             raise ConfigurationError(f"--timeout must be > 0 seconds, not {timeout!r}")
-        cs = ConnectionString.parse(source) if source else ConnectionString.default()
+        cs = ConnectionString.parse(source) if source is not None else ConnectionString.default()
         report.update(
             target=cs.redacted(),
             tls=_tls_mode(cs),

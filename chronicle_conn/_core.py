@@ -63,10 +63,13 @@ class Counters:
     generation: int = 0  # the number of the newest generation
 
     def absorb(self, monitor: Monitor) -> None:
-        """Add the signs of life a monitor being replaced has counted."""
-        self.keepalives += monitor.received
-        self.health_updates += monitor.health_updates
-        self.probes_answered += monitor.probes_answered
+        """Add the signs of life a monitor has counted since it was last absorbed: when
+        it stops being the current one (lock held). Absorbing again adds only what came
+        since, so the totals never go back or count twice."""
+        keepalives, health_updates, probes = monitor.take()
+        self.keepalives += keepalives
+        self.health_updates += health_updates
+        self.probes_answered += probes
 
 
 class Core:
@@ -338,6 +341,8 @@ class Core:
                 self.armed = False
                 # No call may start on it from now on: the supervisor closes it.
                 self.dropped, self.current = self.current, None
+                if self.dropped is not None:
+                    self.counters.absorb(self.dropped.monitor)
                 self.transition(_S.CLOSED, error=error)
                 deferred = self.take_deferred()
             thread = self.thread
@@ -370,11 +375,11 @@ class Core:
         with self.cond:
             self.prune_deferred()
             gen = self.current
-            monitor = gen.monitor if gen is not None else None
+            live = gen.monitor.untaken() if gen is not None else (0, 0, 0)
             c = self.counters
             return ConnectionStats(
                 name=self.config.name,
-                target=self.config.connection_string.redacted(),
+                target=self.config.shown_target,
                 state=self.state,
                 since=self.since,
                 connects=c.connects,
@@ -383,13 +388,12 @@ class Core:
                 failed_attempts=c.failed_attempts,
                 last_error=self.last_error,
                 current_delay=self.current_delay,
-                keepalives_received=c.keepalives + (monitor.received if monitor else 0),
+                keepalives_received=c.keepalives + live[0],
                 generation=c.generation,
                 liveness=self.liveness,
                 waiters=self.waiters + len(self.deferred),
-                health_updates_received=c.health_updates
-                + (monitor.health_updates if monitor else 0),
-                probes_answered=c.probes_answered + (monitor.probes_answered if monitor else 0),
+                health_updates_received=c.health_updates + live[1],
+                probes_answered=c.probes_answered + live[2],
             )
 
     def describe(self) -> str:

@@ -169,6 +169,7 @@ class Monitor:
         self.received = 0  # keep-alives received (keepalive mode)
         self.health_updates = 0  # SERVING messages on the Watch stream (health mode)
         self.probes_answered = 0  # periodic probes answered (every mode)
+        self._taken = (0, 0, 0)  # of those, what the connection's counters hold already
         #: Set when a sign says the transport may be gone; the supervisor verifies it.
         self.suspect: str | None = None
         self._call: Any = None
@@ -187,6 +188,17 @@ class Monitor:
             if self.seen_before is not None:
                 self.last_seen = min(self.last_seen or self.seen_before, self.seen_before)
             self._cond.notify_all()
+
+    def untaken(self) -> tuple[int, int, int]:
+        """Keep-alives, health updates and probes answered not yet taken (lock held)."""
+        k, h, p = self._taken
+        return self.received - k, self.health_updates - h, self.probes_answered - p
+
+    def take(self) -> tuple[int, int, int]:
+        """Take the signs of life counted since the last take (lock held)."""
+        taken = self.untaken()
+        self._taken = (self.received, self.health_updates, self.probes_answered)
+        return taken
 
     def _established(self) -> None:
         """Lock held."""

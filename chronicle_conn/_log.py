@@ -181,6 +181,9 @@ _CAUSES = (
     ("connection refused", "connection refused"),
     ("connection reset", "connection reset"),
     ("dns resolution failed", "name not resolved"),
+    ("errors resolving", "name not resolved"),
+    ("address lookup failed", "name not resolved"),
+    ("domain name not found", "name not resolved"),
     ("name or service not known", "name not resolved"),
     ("no route to host", "no route to host"),
     ("network is unreachable", "network unreachable"),
@@ -223,10 +226,11 @@ def brief(text: str | None) -> str | None:
 
 
 class FailureStreak:
-    """Failed attempts in a row, summarised: after the first (reported by the caller),
-    one summary when ``first_after`` seconds have passed, then after twice as long each
-    time, up to every ``longest`` seconds, so a long outage is a bounded number of lines
-    (``12 attempts failed the same way in 30 s: connection refused``)."""
+    """Failed attempts in a row, summarised: one summary when ``first_after`` seconds
+    have passed since the first, then after twice as long each time, up to every
+    ``longest`` seconds, so a long outage is a bounded number of lines (``12 attempts
+    failed the same way in 30 s: connection refused``). Each summary counts the
+    failures since the previous one (the first: since the streak began)."""
 
     def __init__(self, first_after: float = 30.0, longest: float = 600.0) -> None:
         self._first_after = first_after
@@ -245,16 +249,18 @@ class FailureStreak:
         self.total += 1
         if self._window_start is None:
             self._window_start = now
-            return None
         self._count += 1
         self._kinds.add(error)
         span = now - self._window_start
         if span < self._interval:
             return None
         count, kinds = self._count, len(self._kinds)
-        how = "the same way" if kinds == 1 else f"{kinds} different ways"
+        if kinds == 1:
+            text = f"{count} attempts failed the same way in {span:.0f} s: {error}"
+        else:
+            text = f"{count} attempts failed in {span:.0f} s, {kinds} different ways; last: {error}"
         summary = {
-            "summary": f"{count} attempts failed {how} in {span:.0f} s: {error}",
+            "summary": text,
             "attempts": count,
             "seconds": round(span, 1),
             "error": error,

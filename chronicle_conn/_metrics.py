@@ -21,6 +21,7 @@ OpenTelemetry's own no-op provider makes it cost nothing.
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -88,6 +89,9 @@ class _Instruments:
             explicit_bucket_boundaries_advisory=OUTAGE_BUCKETS,
         )
 
+    def reset_lock(self) -> None:
+        self._lock = threading.Lock()
+
     def add(self, core: Core, attributes: dict[str, str]) -> None:
         with self._lock:
             self._cores[core] = attributes
@@ -113,27 +117,16 @@ class _Instruments:
 
 
 def attach(core: Core, provider: Any, *, connection: str, target: str) -> bool:
-    """Report ``core``'s metrics to ``provider`` (None: OpenTelemetry's global one).
-    Returns whether metrics are on (``opentelemetry-api`` is installed). Call it on the
-    constructing thread: the first call imports the API."""
-    global _global
+    """Report ``core``'s metrics to ``provider`` (None: OpenTelemetry's global one;
+    False: nowhere). Returns whether metrics are on (``opentelemetry-api`` installed).
+    Call it on the constructing thread: the first call imports the API."""
+    if provider is False:
+        return False
     try:
         from opentelemetry import metrics  # noqa: PLC0415 - optional, deferred
     except ImportError:
         return False
-    instruments: _Instruments | None
-    with _lock:
-        if provider is None:
-            # One set for the global provider, made from whatever get_meter() returns the
-            # first time: before the application sets its provider, a proxy that follows it.
-            if _global is None:
-                _global = _Instruments(metrics.get_meter("chronicle_conn", __version__))
-            instruments = _global
-        else:
-            instruments = _by_provider.get(provider)
-            if instruments is None:
-                instruments = _Instruments(provider.get_meter("chronicle_conn", __version__))
-                _by_provider[provider] = instruments
+    instruments = _instruments(metrics, provider)
     attributes = {"chronicle_conn.connection": connection, "chronicle_conn.target": target}
     instruments.add(core, attributes)
     outages = instruments.outages
@@ -145,3 +138,39 @@ def attach(core: Core, provider: Any, *, connection: str, target: str) -> bool:
     with core.cond:
         core.events.observe(record)
     return True
+
+
+def _instruments(metrics: Any, provider: Any) -> _Instruments:
+    """One set of instruments per meter provider: two sets on one provider would be
+    duplicates, and the SDK calls back only the first set's observers."""
+    global _global
+    with _lock:
+        current = metrics.get_meter_provider()
+        if provider is None or provider is current:
+            # The global provider. A set made before the application set its provider
+            # was made on OpenTelemetry's proxy, which follows it: that set serves it.
+            if _global is not None:
+                return _global
+            found = _by_provider.get(current)
+            if found is None:
+                found = _Instruments(metrics.get_meter("chronicle_conn", __version__))
+                _by_provider[current] = found
+            _global = found
+            return found
+        found = _by_provider.get(provider)
+        if found is None:
+            found = _Instruments(provider.get_meter("chronicle_conn", __version__))
+            _by_provider[provider] = found
+        return found
+
+
+def _after_fork_in_child() -> None:
+    """A fork while another thread held a lock here leaves it held in the child."""
+    global _lock
+    _lock = threading.Lock()
+    for instruments in [_global, *_by_provider.values()]:
+        if instruments is not None:
+            instruments.reset_lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

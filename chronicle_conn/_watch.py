@@ -318,7 +318,8 @@ class _Terminal(_Plain):
                 text += f" in {max(0.0, self._next_attempt - now):.1f} s"
             else:
                 text += " in progress"
-            return f"{text}; last error: {stats.last_error}" if stats.last_error else text
+            error = brief(stats.last_error)  # the cause, not grpc's 200 characters
+            return f"{text}; last error: {error}" if error else text
         if state is _S.FAILED:
             again = f", trying again in {max(0.0, rearm_in):.0f} s" if rearm_in is not None else ""
             return f"failed{again}: {stats.last_error}"
@@ -337,9 +338,10 @@ def _rearm(conn: Connection) -> None:
 def run_watch(text: str | None, as_json: bool, out: TextIO = sys.stdout) -> int:
     """Watch the server ``text`` names (default: ``$CHRONICLE_CONNECTION_STRING``, else
     ``ConnectionString.default()``) until SIGINT or SIGTERM; return the exit code."""
-    source = text if text is not None else os.environ.get(ENV_VAR)
+    # An empty variable counts as unset; an empty argument is a bad string.
+    source = text if text is not None else (os.environ.get(ENV_VAR) or None)
     try:
-        cs = ConnectionString.parse(source) if source else ConnectionString.default()
+        cs = ConnectionString.parse(source) if source is not None else ConnectionString.default()
         conn = Connection(
             cs,
             retry_attempts=None,

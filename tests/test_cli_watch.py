@@ -360,6 +360,8 @@ def test_on_a_terminal_a_status_line_updates_in_place(kernel, no_color) -> None:
         (("watch", "--json", "chronicle://h?disableTls=maybe"), "chronicle-conn watch: "),
         (("watch", "chronicle://127.0.0.1:1?caPath=/nonexistent"), "chronicle-conn watch: "),
         (("watch", "a", "b"), "chronicle-conn watch: "),
+        (("watch", ""), "chronicle-conn watch: "),  # empty: not the default
+        (("check", ""), "chronicle-conn check: "),
         (("check", "--timeout", "abc"), "chronicle-conn check: "),
         (("check", "--bogus"), "chronicle-conn check: "),
         (("dev-server", "--port", "x"), "chronicle-conn dev-server: "),

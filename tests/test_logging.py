@@ -211,6 +211,11 @@ def test_a_reconnect_says_how_long_the_connection_was_down():
             "not ARES_SUCCESS qtype=A name=kernel.invalid is_balancer=0: Domain name not found",
             "name not resolved",
         ),
+        (  # grpcio 1.85's words
+            "UNAVAILABLE: errors resolving kernel.invalid:35000: [field:hostname lookup error:"
+            "address lookup failed for kernel.invalid:35000: Domain name not found]",
+            "name not resolved",
+        ),
         ("keep-alive stream: UNAVAILABLE: Socket closed", None),  # short: kept whole
         (
             "the certificate of 127.0.0.1:35000 (for localhost) is not trusted by caPath "
@@ -236,13 +241,16 @@ def test_a_long_run_of_identical_failures_is_summarised_a_bounded_number_of_time
     summaries = [s for t in range(3600) if (s := streak.failed(float(t), "connection refused"))]
     # An hour of one failure a second: after 30 s, then 60, 120, 240, 480 and every 600 s.
     assert [s["seconds"] for s in summaries] == [30, 60, 120, 240, 480, 600, 600, 600, 600]
-    assert summaries[0]["summary"] == "30 attempts failed the same way in 30 s: connection refused"
+    # The first counts the streak's first failure too (t = 0 .. 30).
+    assert summaries[0]["summary"] == "31 attempts failed the same way in 30 s: connection refused"
+    assert sum(s["attempts"] for s in summaries) == 1 + 3330  # failures up to the last one
     assert streak.total == 3600
     mixed = FailureStreak(first_after=2)
     errors = ["refused", "refused", "reset", "refused"]
     got = [s for t, e in enumerate(errors) if (s := mixed.failed(float(t), e))]
-    # The first failure is the caller's to report; the summary covers the next ones.
-    assert [s["summary"] for s in got] == ["2 attempts failed 2 different ways in 2 s: reset"]
+    assert [s["summary"] for s in got] == [
+        "3 attempts failed in 2 s, 2 different ways; last: reset"
+    ]
 
 
 @pytest.mark.timeout(60)
@@ -273,3 +281,32 @@ def test_a_long_outage_is_summarised_while_it_lasts(monkeypatch, capture):
     assert first["error"] == "connection refused"
     assert first["attempts"] >= 2
     assert "attempts failed the same way in" in first["summary"]
+
+
+@pytest.mark.timeout(60)
+def test_a_busy_app_re_arming_a_failed_connection_is_not_a_line_per_budget(capture):
+    """An app that keeps calling connect() on a connection whose budget keeps running out
+    (retry_attempts=3, a server that never comes): one connect_failing, one
+    retries_exhausted; the rest are DEBUG, and still_failing summarises them."""
+    structlog.configure(processors=[capture])
+    conn = cc.Connection(
+        "chronicle://127.0.0.1:1?disableTls=true",
+        retry_attempts=3,
+        reconnect_base_delay=0.01,
+        reconnect_max_delay=0.02,
+        auto_connect=False,
+    )
+    try:
+        deadline = time.monotonic() + 3
+        for _ in range(200):
+            if time.monotonic() > deadline:
+                break
+            with pytest.raises(cc.ChronicleConnError):
+                conn.connect(timeout=0.5)
+    finally:
+        conn.close()
+    exhausted = capture.named("retries_exhausted")
+    assert len(exhausted) >= 5  # the budget ran out again and again...
+    assert [e["level"] for e in exhausted].count("warning") == 1  # ...said once
+    failing = capture.named("connect_failing")
+    assert len(failing) == 1

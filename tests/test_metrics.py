@@ -59,16 +59,25 @@ def test_a_crash_and_a_recovery_are_counted_and_the_outage_measured(kernel, make
             **FAST,
         )
         conn.add_listener(recorder)
+        seen_by_listener: list[int] = []
+        conn.add_listener(lambda change: seen_by_listener.append(conn.stats().keepalives_received))
         mark = connect(conn, recorder)
+        core = conn._core
+        with core.cond:  # a few keep-alives first (the lock is held: read the monitor)
+            assert core.cond.wait_for(lambda: core.current.monitor.received >= 3, 10)
         before = _points(reader)
         assert _state(before, "metered") == {s.value: int(s is S.CONNECTED) for s in S}
         assert _value(before, "chronicle_conn.connection.connects", "metered") == 1
         assert _value(before, "chronicle_conn.connection.disconnects", "metered") == 0
         assert "chronicle_conn.connection.outage.duration" not in before  # nothing yet
 
+        kept = conn.stats().keepalives_received
         kernel.kill()
         recorder.wait_for_event(became(S.RECONNECTING), 10, since=mark)
+        # Counters never go back: not while the lost channel is being retired...
+        assert seen_by_listener[-1] >= kept
         down = _points(reader)
+        assert _value(down, "chronicle_conn.connection.keepalives", "metered") >= kept
         assert _state(down, "metered")["reconnecting"] == 1
         assert _state(down, "metered")["connected"] == 0
         kernel.restart()
@@ -92,6 +101,10 @@ def test_a_crash_and_a_recovery_are_counted_and_the_outage_measured(kernel, make
             "chronicle_conn.connection": "metered",
             "chronicle_conn.target": conn.config.connection_string.redacted(),
         }
+        # ...nor after close().
+        last = conn.stats().keepalives_received
+        conn.close()
+        assert conn.stats().keepalives_received >= last
         # Counters are cumulative and monotonic, as exporters expect.
         metrics = reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics
         connects = next(m for m in metrics if m.name == "chronicle_conn.connection.connects")
@@ -148,8 +161,19 @@ else:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
     reader = InMemoryMetricReader()
-    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    provider = MeterProvider(metric_readers=[reader])
+    metrics.set_meter_provider(provider)
     conn.connect(timeout=10)
+    # The same provider by name: one set of instruments, both connections in it.
+    other = cc.Connection(
+        f"chronicle://{server.address}?disableTls=true", name="other", meter_provider=provider
+    )
+    other.connect(timeout=10)
+    # A connection whose constructor fails (the name is taken) reports nothing.
+    try:
+        cc.Connection(f"chronicle://{server.address}?disableTls=true", name="app")
+    except cc.DuplicateNameError:
+        pass
     names = {
         m.name: m
         for r in reader.get_metrics_data().resource_metrics
@@ -157,8 +181,15 @@ else:
         for m in s.metrics
     }
     points = names["chronicle_conn.connection.connects"].data.data_points
-    mine = [p.value for p in points if p.attributes["chronicle_conn.connection"] == "app"]
-    print("connects", mine)
+    print("connects", sorted(
+        (p.attributes["chronicle_conn.connection"], p.value) for p in points
+    ))
+    states = names["chronicle_conn.connection.state"].data.data_points
+    print("app", [
+        p.attributes["chronicle_conn.state"] for p in states
+        if p.attributes["chronicle_conn.connection"] == "app" and p.value == 1
+    ])
+    other.close()
 conn.close()
 server.stop(0)
 """
@@ -167,7 +198,10 @@ server.stop(0)
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     ("mode", "expected"),
-    [("global", "connects [1]"), ("absent", "connected without opentelemetry")],
+    [
+        ("global", "connects [('app', 1), ('other', 1)]\napp ['connected']"),
+        ("absent", "connected without opentelemetry"),
+    ],
 )
 def test_the_global_provider_and_a_process_without_opentelemetry(mode, expected):
     proc = subprocess.run(

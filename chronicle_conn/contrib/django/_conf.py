@@ -262,5 +262,6 @@ def dry_run(settings: AliasSettings) -> None:
             f"{settings.where('OPTIONS', 'auto_connect')} must be True or False, "
             f"not {auto_connect!r}",
         )
-    conn = build(settings, auto_connect=False, name=None, logger=Silent())  # logs nothing
+    # Logs nothing and reports no metrics: it is not a connection anyone uses.
+    conn = build(settings, auto_connect=False, name=None, logger=Silent(), meter_provider=False)
     conn.close()

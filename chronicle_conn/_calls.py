@@ -100,6 +100,13 @@ class CallError(grpc.RpcError, grpc.Call, _Future, ChronicleConnError):
         with self._cond:
             return self._code is None and self._real is None
 
+    @property
+    def sent(self) -> bool:
+        """Whether it was sent: a real gRPC call carries it (else it never left the
+        process, and running it again cannot run it twice)."""
+        with self._cond:
+            return self._real is not None
+
     def send(self, generation: Generation) -> bool:
         """Send it on ``generation`` (already entered by the caller, who leaves it if
         this returns False). Returns whether it was sent; False if it had finished."""

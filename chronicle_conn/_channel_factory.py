@@ -6,9 +6,9 @@ One factory per connection; every generation and every candidate channel comes f
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -23,15 +23,16 @@ import grpc._interceptor
 import grpc._utilities
 from grpc._cython import cygrpc  # type: ignore[attr-defined]  # untyped
 
+from . import _channelz, _targets
 from ._log import QuietLog, Silent
+from ._targets import Resolution
 from .config import ConnectionConfig
 from .connection_string import ConnectionString
-from .errors import ConfigurationError
 
 if TYPE_CHECKING:
     import ssl
 
-__all__ = ["ChannelFactory", "grpc_target", "token_urls"]
+__all__ = ["ChannelFactory", "token_urls"]
 
 # The address grpc names in a failure: "ipv4:127.0.0.1:35000", "ipv6:[::1]:35000".
 _ADDRESS = re.compile(r"ipv[46]:(?:(?:\[|%5B)([0-9a-fA-F:.%]+?)(?:\]|%5D)|([0-9.]+)):(\d+)")
@@ -42,7 +43,7 @@ _LB_POLICIES = {"pick-first": "pick_first", "round-robin": "round_robin"}
 
 
 class _Pin(NamedTuple):
-    """A certificate pinned for ``skipTlsValidation``, and the channel options for it."""
+    """A certificate pinned for ``skipTlsValidation``, and the channel options it adds."""
 
     pem: bytes
     options: tuple[tuple[str, Any], ...]
@@ -62,46 +63,6 @@ def token_urls(cs: ConnectionString) -> list[str]:
     return urls
 
 
-def _is_ip(host: str, version: int) -> bool:
-    try:
-        return ipaddress.ip_address(host).version == version
-    except ValueError:
-        return False
-
-
-def grpc_target(cs: ConnectionString) -> str:
-    """Return the gRPC target string for the hosts of ``cs``.
-
-    One host becomes ``dns:///host:port`` (``ipv6:[addr]:port`` for an IPv6 literal);
-    several IP literals of one family become an ``ipv4:``/``ipv6:`` address list that
-    gRPC's own load-balancing policy spreads calls over.
-
-    Raises:
-        ConfigurationError: several hosts that are not all IP literals of one family,
-            or a ``chronicle+srv`` string (SRV resolution is not available yet).
-    """
-    if cs.is_srv:
-        raise ConfigurationError(
-            "chronicle+srv connection strings are not supported by this version yet",
-            option="connection_string",
-        )
-    hosts = cs.hosts
-    if len(hosts) == 1:
-        endpoint = hosts[0]
-        if _is_ip(endpoint.host, 6):
-            return f"ipv6:[{endpoint.host}]:{endpoint.port}"
-        return f"dns:///{endpoint.host}:{endpoint.port}"
-    if all(_is_ip(e.host, 4) for e in hosts):
-        return "ipv4:" + ",".join(f"{e.host}:{e.port}" for e in hosts)
-    if all(_is_ip(e.host, 6) for e in hosts):
-        return "ipv6:" + ",".join(f"[{e.host}]:{e.port}" for e in hosts)
-    raise ConfigurationError(
-        "several hosts must all be IPv4 or all be IPv6 address literals in this version; "
-        f"got {', '.join(str(e) for e in hosts)}",
-        option="connection_string",
-    )
-
-
 class ChannelFactory:
     """Makes fresh channels for one connection. Thread-safe.
 
@@ -116,21 +77,40 @@ class ChannelFactory:
         label: the connection's label (for thread names).
 
     Raises:
-        ConfigurationError: a TLS file cannot be read or used (naming the file), or the
-            hosts cannot form one gRPC target.
+        ConfigurationError: a TLS file cannot be read or used (naming the file), or
+            ``chronicle+srv`` without dnspython (the ``srv`` extra).
     """
 
     def __init__(self, config: ConnectionConfig, *, log: Any = None, label: str = "") -> None:
         cs = config.connection_string
-        self.target = grpc_target(cs)
         self._cs = cs
+        self._grpc_target = config.target
+        if cs.is_srv and config.target is None:
+            from . import _srv  # noqa: PLC0415 - the optional extra
+
+            _srv.require_dnspython()
+        #: The target when it needs no look-up, else None (see :meth:`resolve`).
+        self.static = _targets.static(cs, config.target)
+        #: The latest resolution (for ``stats()``).
+        self.resolution: Resolution | None = self.static
+        self.round_robin = cs.load_balancer == "round-robin"
+        #: Whether the server serves ``grpc.health.v1`` (None: not known yet). With
+        #: round robin, channels built once it is known turn on gRPC's client-side
+        #: health checking, so a NOT_SERVING backend gets no calls.
+        self.serves_health: bool | None = None
+        #: Whether the latest build had client-side health checking on.
+        self.built_with_health = False
+        #: Each channel's channelz id (see ``_channelz``), for ``backends_ready``.
+        self._channelz_ids: weakref.WeakKeyDictionary[grpc.Channel, int] = (
+            weakref.WeakKeyDictionary()
+        )
         self._log: Any = log if log is not None else QuietLog(Silent())
         self._connect_fun: ConnectFun | None = config.connect_fun
         self._disconnect_fun = config.disconnect_fun
         self._attempt_timeout = config.attempt_timeout
         policy = config.policy
-        lb_policy = _LB_POLICIES[cs.load_balancer]
-        service_config: dict[str, Any] = {"loadBalancingConfig": [{lb_policy: {}}]}
+        self._lb_policy = _LB_POLICIES[cs.load_balancer]
+        self._method_config = config.method_config()
         own: list[tuple[str, Any]] = [
             # A private subchannel per channel: a new channel must not inherit the backoff
             # timer of an older one through gRPC's global subchannel pool.
@@ -142,14 +122,15 @@ class ChannelFactory:
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", max(100, int(policy.max_delay * 1000))),
             ("grpc.min_reconnect_backoff_ms", max(100, int(config.attempt_timeout * 1000))),
-            ("grpc.service_config", _json(service_config)),
             ("grpc.primary_user_agent", "chronicle-conn"),
         ]
         # The user's options come last so that they win.
-        self.options: tuple[tuple[str, Any], ...] = (*own, *config.grpc_options)
-        self._user_name_override = any(
-            key == "grpc.ssl_target_name_override" for key, _ in config.grpc_options
-        )
+        self._own = tuple(own)
+        self._user_options = config.grpc_options
+        user_keys = {key for key, _ in config.grpc_options}
+        self._user_name_override = "grpc.ssl_target_name_override" in user_keys
+        self._user_authority = "grpc.default_authority" in user_keys
+        self._user_service_config = "grpc.service_config" in user_keys
         self.tls = cs.tls_enabled
         self.material: Any = None  # _tls.TlsMaterial when TLS is on
         # On the constructing thread: the supervisor uses it to diagnose failures.
@@ -174,7 +155,9 @@ class ChannelFactory:
             # throughput of 4 calling threads (tests/benchmarks/bench_auth.py).
             self._interceptor = _auth.MetadataInterceptor(headers)
         self._credentials: grpc.ChannelCredentials | None = None
-        if cs.tls_enabled and not cs.skip_tls_validation:
+        if config.credentials is not None:
+            self._credentials = config.credentials
+        elif cs.tls_enabled and not cs.skip_tls_validation:
             self._credentials = self._channel_credentials(self.material.root_certificates)
 
     def _headers_function(
@@ -237,26 +220,83 @@ class ChannelFactory:
         source = self.token_source
         return source.refused if source is not None else None
 
-    def build(self, pin: Any = None) -> grpc.Channel:
-        """Return a new, unconnected channel to the target. Does not block.
+    @property
+    def options(self) -> tuple[tuple[str, Any], ...]:
+        """The channel arguments of the next build (the user's last, so that they win)."""
+        return self.options_for(self.resolution)
+
+    def service_config(self) -> dict[str, Any]:
+        """gRPC's service config: the load-balancing policy, the retry policy of the
+        methods safe to retry, and with round robin and a server that serves health,
+        client-side health checking."""
+        config: dict[str, Any] = {"loadBalancingConfig": [{self._lb_policy: {}}]}
+        if self.round_robin and self.serves_health:
+            config["healthCheckConfig"] = {"serviceName": ""}
+        if self._method_config:
+            config["methodConfig"] = self._method_config
+        return config
+
+    def options_for(self, resolution: Resolution | None) -> tuple[tuple[str, Any], ...]:
+        own = [*self._own, ("grpc.service_config", _json(self.service_config()))]
+        if resolution is not None and resolution.authority and not self._user_authority:
+            # Resolved addresses lost the name: TLS checks the certificate against it.
+            own.append(("grpc.default_authority", resolution.authority))
+        return (*own, *self._user_options)
+
+    def resolve(self, deadline: float) -> Resolution:
+        """This build's target: resolves the names now when there are any (blocking,
+        until ``deadline``, a ``time.monotonic()`` value).
+
+        Raises:
+            _targets.UnresolvedError: no host has an address now.
+        """
+        resolution = self.static or _targets.resolve(self._cs, deadline)
+        self.resolution = resolution
+        return resolution
+
+    def build(self, pin: Any = None, resolution: Resolution | None = None) -> grpc.Channel:
+        """Return a new, unconnected channel to ``resolution``'s target (default: the
+        latest). Does not block.
 
         ``pin``: with ``skipTlsValidation``, what :meth:`fetch_pin` found (required).
         """
-        if self._connect_fun is not None:
-            channel = self._connect_fun(self.target, self.options)
+        resolution = resolution or self.resolution
+        if resolution is None:
+            raise ValueError("build() needs the target resolved first (resolve())")
+        target = resolution.target
+        options = self.options_for(resolution)
+        self.built_with_health = self.round_robin and bool(self.serves_health)
+        connect_fun = self._connect_fun
+        channel: grpc.Channel
+        found: int | None
+        if connect_fun is not None:
+            channel, found = _channelz.build_and_find(target, lambda: connect_fun(target, options))
         elif not self.tls:
-            channel = grpc.insecure_channel(self.target, options=self.options)
-        elif self._cs.skip_tls_validation:
-            if pin is None:
-                raise ValueError("skipTlsValidation: build() needs the pinned certificate")
-            credentials = self._channel_credentials(pin.pem)
-            channel = grpc.secure_channel(self.target, credentials, options=pin.options)
+            channel, found = _channelz.build_and_find(
+                target, lambda: grpc.insecure_channel(target, options=options)
+            )
         else:
-            assert self._credentials is not None
-            channel = grpc.secure_channel(self.target, self._credentials, options=self.options)
+            if self._cs.skip_tls_validation and self._grpc_target is None:
+                if pin is None:
+                    raise ValueError("skipTlsValidation: build() needs the pinned certificate")
+                credentials = self._channel_credentials(pin.pem)
+                options = (*options, *pin.options)
+            else:
+                assert self._credentials is not None
+                credentials = self._credentials
+            channel, found = _channelz.build_and_find(
+                target, lambda: grpc.secure_channel(target, credentials, options=options)
+            )
         if self._interceptor is not None:
             channel = grpc.intercept_channel(channel, self._interceptor)
+        if found is not None:
+            self._channelz_ids[channel] = found
         return channel
+
+    def backends_ready(self, channel: grpc.Channel) -> int | None:
+        """How many of ``channel``'s backends have a ready transport (None: unknown)."""
+        found = self._channelz_ids.get(channel)
+        return None if found is None else _channelz.backends_ready(found)
 
     def fetch_pin(self, deadline: float) -> _Pin:
         """``skipTlsValidation``: the certificate a host presents now, to trust exactly
@@ -268,27 +308,26 @@ class ChannelFactory:
         """
         tls = self._tls_module
         error: OSError = OSError("no host to ask for its certificate")
-        for endpoint in self._cs.hosts:
+        endpoints = self.resolution.endpoints if self.resolution is not None else ()
+        for host, port in endpoints:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             try:
-                info = tls.fetch_certificate(
-                    endpoint.host, endpoint.port, remaining, material=self.material
-                )
+                info = tls.fetch_certificate(host, port, remaining, material=self.material)
             except (OSError, ValueError) as exc:
                 error = exc if isinstance(exc, OSError) else OSError(str(exc))
                 continue
-            name = tls.target_name(endpoint.host, info.names)
+            name = tls.target_name(host, info.names)
             self._log.warning(
                 "tls_validation_skipped",
-                host=str(endpoint),
+                host=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
                 certificate_for=", ".join(info.names) or "unknown",
                 hint="skipTlsValidation=true trusts whatever certificate the server presents",
             )
-            options = self.options
-            if name is not None and name != endpoint.host and not self._user_name_override:
-                options = (*options, ("grpc.ssl_target_name_override", name))
+            options: tuple[tuple[str, Any], ...] = ()
+            if name is not None and name != host and not self._user_name_override:
+                options = (("grpc.ssl_target_name_override", name),)
             return _Pin(info.pem, options)
         raise OSError(f"skipTlsValidation: could not fetch the server's certificate: {error}")
 
@@ -309,7 +348,7 @@ class ChannelFactory:
         failed with grpc's ``details`` (a TLS handshake failure, a connection closed at
         once), or None if nothing is known. May handshake with the server (bounded by
         ``deadline``)."""
-        if self._connect_fun is not None:
+        if self._connect_fun is not None or self._grpc_target is not None:
             return None
         host, port = self._failed_address(details)
         tls = self._tls_module
@@ -318,7 +357,7 @@ class ChannelFactory:
         problem: Any = tls.diagnose(
             details,
             pinned=self._cs.skip_tls_validation,
-            several=len(self._cs.hosts) > 1,
+            several=len(self._endpoints()) > 1,
             host=host,
             port=port,
             tls=self.tls,
@@ -326,7 +365,7 @@ class ChannelFactory:
             ca_path=self._cs.ca_path,
             server_name=server_name,
             timeout=max(0.05, min(2.0, deadline - time.monotonic())),
-            shown=str(self._cs.hosts[0]) if len(self._cs.hosts) == 1 else None,
+            shown=str(self._cs.hosts[0]) if len(self._endpoints()) == 1 else None,
         )
         return problem
 
@@ -336,8 +375,14 @@ class ChannelFactory:
         match = _ADDRESS.search(details)
         if match is not None:
             return match.group(1) or match.group(2), int(match.group(3))
+        endpoints = self._endpoints()
+        if endpoints:
+            return endpoints[0]
         first = self._cs.hosts[0]
         return first.host, first.port
+
+    def _endpoints(self) -> tuple[tuple[str, int], ...]:
+        return self.resolution.endpoints if self.resolution is not None else ()
 
     def close(self) -> None:
         """Stop renewing the token."""

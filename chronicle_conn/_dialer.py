@@ -117,6 +117,15 @@ class Dialer:
         deadline = core.clock() + self._attempt_timeout
         wall_deadline = time.monotonic() + self._attempt_timeout  # for socket timeouts
         factory = self._factory
+        resolution = factory.static
+        if resolution is None:  # names to resolve (several hosts, SRV): at every build
+            resolution = self._io(lambda: factory.resolve(wall_deadline), wall_deadline)
+            if isinstance(resolution, AttemptFailed):
+                return resolution
+            if isinstance(resolution, OSError):
+                return Unreachable(f"resolving the hosts: {resolution}")
+            if isinstance(resolution, BaseException):
+                return AttemptFailed(f"could not resolve the hosts: {resolution!r}")
         pin = None
         if factory.pins:  # skipTlsValidation: the server's certificate, first
             pin = self._io(lambda: factory.fetch_pin(wall_deadline), wall_deadline)
@@ -127,7 +136,7 @@ class Dialer:
             if isinstance(pin, BaseException):
                 return AttemptFailed(f"could not fetch the server's certificate: {pin!r}")
         try:
-            channel = factory.build(pin)
+            channel = factory.build(pin, resolution)
         except Exception as exc:
             return AttemptFailed(f"could not build the channel: {exc!r}")
         failure: AttemptFailed | None
@@ -152,6 +161,8 @@ class Dialer:
                     if failure is None:
                         monitor, failure = self.establish(channel, deadline)
                 if monitor is not None:
+                    if factory.round_robin and factory.serves_health is None:
+                        factory.serves_health = self._serves_health(channel, deadline)
                     return self._make_generation(channel, monitor)
         except Exception as exc:
             failure = AttemptFailed(f"attempt {number} failed: {exc!r}")
@@ -290,6 +301,35 @@ class Dialer:
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
             return AttemptFailed(self._timed_out(readiness))
         return None  # the server answered (UNIMPLEMENTED, UNAUTHENTICATED, ...)
+
+    def _serves_health(self, channel: grpc.Channel, deadline: float) -> bool | None:
+        """Whether the server serves ``grpc.health.v1`` (None: could not tell now). With
+        round robin, the next channels then turn on gRPC's client-side health checking
+        (``ChannelFactory.service_config``)."""
+        core = self._core
+        if core.liveness == LivenessMode.HEALTH.value:
+            return True
+        deadline = min(deadline, core.clock() + 1.0)
+        try:
+            future = _health.check_callable(channel).future(
+                _health.load().HealthCheckRequest(service=""),
+                timeout=max(0.001, deadline - core.clock()),
+                wait_for_ready=False,
+            )
+        except ValueError:  # closed channel
+            return None
+        if not self._await(future, deadline):
+            future.cancel()
+            return None
+        error = future.exception()
+        if error is None:
+            # Whole-server health that says SERVING or NOT_SERVING (client-side health
+            # checking takes any other answer, and no answer, for "not serving").
+            return future.result().status in (_health.SERVING, _health.NOT_SERVING)
+        code, _ = rpc_status(error)
+        if code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND):
+            return False  # no health service, or none for the whole server
+        return None
 
     def _timed_out(self, readiness: bool) -> str:
         if readiness:

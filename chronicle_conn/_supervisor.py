@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import math
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -51,6 +52,9 @@ _HEARTBEAT = 1.0
 _SUSPECT_COOLDOWN = 1.0
 
 _RECONNECT_REQUESTED = "reconnect requested"
+
+#: ``max_channel_age`` is shortened by up to this fraction, at random (see ``_aged``).
+_AGE_JITTER = 0.1
 
 #: After a fork, the liveness monitor restarts once no other fork came for this long
 #: (a pre-forking server forks its workers in a burst): a stream is not started only to
@@ -108,9 +112,12 @@ class Supervisor:
         self._running: threading.Thread | None = None  # the thread, until its very end
         self._resumed_at = -math.inf  # time.monotonic() of the last fork's end
         self._refused_before: str | None = None  # the last connect_refused reason logged
+        self._exhausted_before: str | None = None  # ... and retries_exhausted's, until up
         #: core.clock() when the connection was lost, until it is back (outage length).
         self._down_since: float | None = None
         self._streak = FailureStreak()  # failed attempts in a row, for the log
+        #: Why the current channel should be rebuilt at once (make-before-break), if so.
+        self._rebuild: str | None = None
         self._pid = os.getpid()
         problem = _fork.register(self)
         if problem is not None:
@@ -211,6 +218,7 @@ class Supervisor:
         self._running = None
         self._down_since = None  # the child starts over: no outage of its own yet
         self._streak = FailureStreak()
+        self._exhausted_before = None
         self.dialer.factory.fork_child()
         core.reset_after_fork()
 
@@ -396,7 +404,7 @@ class Supervisor:
         )
         max_age = core.config.max_channel_age
         if max_age is not None:
-            gen.rotate_at = now + max_age
+            gen.rotate_at = now + _aged(max_age)
         return gen
 
     def _dial(self) -> Generation | None:
@@ -493,7 +501,12 @@ class Supervisor:
                     outage = round(max(0.0, core.clock() - self._down_since), 3)
                     self._down_since = None
                 core.transition(_S.CONNECTED, attempt=attempt, outage=outage)
-                self._refused_before = None
+                self._refused_before = self._exhausted_before = None
+                factory = self.dialer.factory
+                if factory.round_robin and factory.serves_health and not factory.built_with_health:
+                    # Learnt on this channel that the server serves health: the next
+                    # one skips NOT_SERVING backends (client-side health checking).
+                    self._rebuild = "client-side health checking"
                 deferred = core.take_deferred()
         if not installed:
             self._retire(gen, "closed")
@@ -573,8 +586,13 @@ class Supervisor:
             log = core.log.debug if repeated else core.log.error
             log("connect_refused", error=str(error), kind=type(refused).__name__)
         else:
-            core.log.warning("retries_exhausted", attempts=attempts, error=brief(str(error)))
-        self._streak = FailureStreak()
+            # Once per outage and cause: a busy app re-arms a FAILED connection again and
+            # again; the streak (not reset here) summarises the rest (still_failing).
+            short = brief(str(error))
+            repeated = short == self._exhausted_before
+            self._exhausted_before = short
+            log = core.log.debug if repeated else core.log.warning
+            log("retries_exhausted", attempts=attempts, error=short)
         callback = core.config.on_retries_exhausted
         conn = core.owner()
         if callback is not None and conn is not None:
@@ -667,6 +685,9 @@ class Supervisor:
                 if core.reconnect_requested:
                     core.reconnect_requested = False
                     return _Act.REPLACE, _RECONNECT_REQUESTED
+                if self._rebuild is not None:
+                    reason, self._rebuild = self._rebuild, None
+                    return _Act.REPLACE, reason
                 rotate_at = gen.rotate_at if gen.rotate_at is not None else math.inf
                 if now >= rotate_at:
                     return _Act.REPLACE, "max_channel_age"
@@ -739,6 +760,7 @@ class Supervisor:
         with core.cond:
             if core.current is gen:
                 core.current = None
+            core.counters.absorb(gen.monitor)  # stats() counts only current's live
             stopping = self._stopping()
             if not stopping:
                 core.last_error = reason
@@ -777,12 +799,13 @@ class Supervisor:
                     self._call_suspect = self._call_suspect or f"{reason}: {result}"
             max_age = core.config.max_channel_age
             if gen.rotate_at is not None and max_age is not None:
-                gen.rotate_at = core.clock() + max_age
+                gen.rotate_at = core.clock() + _aged(max_age)
             return None
         with core.cond:
             installed = not self._stopping()
             if installed:
                 core.current = result
+                core.counters.absorb(gen.monitor)  # stats() counts only current's live
         if not installed:
             self._retire(result, "closed")
             return None
@@ -860,6 +883,12 @@ class Supervisor:
         for each in gens:
             each.monitor.join(core.config.close_timeout)
         core.unbind()
+
+
+def _aged(max_age: float) -> float:
+    """``max_channel_age`` less up to a tenth, at random: connections made together (a
+    hundred workers started at once) do not all rebuild their channels together."""
+    return max_age * random.uniform(1.0 - _AGE_JITTER, 1.0)
 
 
 def _stale_reason(monitor: Monitor, stale_after: float) -> str:

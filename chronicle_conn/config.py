@@ -6,6 +6,7 @@ import enum
 import math
 import os
 import random
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     import grpc
 
 __all__ = [
+    "DEFAULT_RETRY_METHODS",
     "ConnectionConfig",
     "LivenessMode",
     "ReconnectPolicy",
@@ -165,7 +167,17 @@ class ConnectionConfig:
             (with the ``Connection``).
         logger: a structlog-style logger to use instead of the module's.
         meter_provider: the OpenTelemetry ``MeterProvider`` for metrics (None: the
-            global one, when ``opentelemetry-api`` is installed).
+            global one, when ``opentelemetry-api`` is installed; False: none).
+        target: a gRPC target (``unix:/run/kernel.sock``, ``dns:///kernels:35000``,
+            ``xds:///kernel``...) dialed as it is, instead of the connection string's
+            hosts; the connection string then only says whether TLS is on.
+        credentials: ``grpc.ChannelCredentials`` for a ``target`` with TLS (None: the
+            default root certificates).
+        retry_methods: the gRPC methods safe to run twice (idempotent), which gRPC
+            retries on ``UNAVAILABLE`` through the channel's service config:
+            ``"package.Service/Method"``, ``"package.Service"`` (all its methods) or
+            ``"*"`` (every method). Default: :data:`DEFAULT_RETRY_METHODS`.
+        call_retries: how many times gRPC retries one of them (0..4; 0: never).
     """
 
     connection_string: ConnectionString
@@ -190,6 +202,16 @@ class ConnectionConfig:
     )
     logger: Any = field(default=None, compare=False, repr=False)
     meter_provider: Any = field(default=None, compare=False, repr=False)
+    target: str | None = None
+    credentials: grpc.ChannelCredentials | None = field(default=None, compare=False, repr=False)
+    retry_methods: tuple[str, ...] | None = None  # None: DEFAULT_RETRY_METHODS
+    call_retries: int = 3
+
+    @property
+    def shown_target(self) -> str:
+        """What logs, ``stats()`` and ``repr()`` call the target: the gRPC target when one
+        was given, else the redacted connection string."""
+        return self.target if self.target is not None else self.connection_string.redacted()
 
     def __post_init__(self) -> None:
         if not isinstance(self.connection_string, ConnectionString):
@@ -225,7 +247,35 @@ class ConnectionConfig:
             value = getattr(self, option)
             if value is not None and not callable(value):
                 raise ConfigurationError(f"{option} must be callable or None", option=option)
+        object.__setattr__(self, "retry_methods", _retry_methods(self.retry_methods))
+        retries = self.call_retries
+        if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 4:
+            raise ConfigurationError(
+                f"call_retries must be an int from 0 to 4 (gRPC allows 5 attempts), "
+                f"got {retries!r}",
+                option="call_retries",
+            )
         self._check_files()
+
+    def method_config(self) -> list[dict[str, Any]]:
+        """The service config's ``methodConfig``: the retry policy for ``retry_methods``."""
+        if not self.retry_methods or not self.call_retries:
+            return []
+        names: list[dict[str, str]] = []
+        for method in self.retry_methods:
+            if method == "*":
+                names = [{}]
+                break
+            service, _, name = method.partition("/")
+            names.append({"service": service, "method": name} if name else {"service": service})
+        policy = {
+            "maxAttempts": self.call_retries + 1,
+            "initialBackoff": "0.1s",
+            "maxBackoff": "1s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
+        return [{"name": names, "retryPolicy": policy}]
 
     def _check_files(self) -> None:
         cs = self.connection_string
@@ -238,6 +288,37 @@ class ConnectionConfig:
                 raise ConfigurationError(
                     f"{key} {path!r} does not exist or is not a file", option=key
                 )
+
+
+#: The methods gRPC retries by default: the kernel's read-only ones, which are safe to run
+#: twice. Others may have run on a server that died before answering. (Not health's
+#: ``Check``: the library probes with it, and a probe must fail fast.)
+DEFAULT_RETRY_METHODS: tuple[str, ...] = (
+    "Cratis.Chronicle.Contracts.Host.Server/GetVersionInfo",
+    "Cratis.Chronicle.Contracts.Clients.ConnectionService/GetConnectedClients",
+    "Cratis.Chronicle.Contracts.Clients.ConnectionService/GetDescriptorSet",
+)
+
+_METHOD = re.compile(r"^(\*|[A-Za-z_][\w.]*(/[A-Za-z_]\w*)?)$")
+
+
+def _retry_methods(value: object) -> tuple[str, ...]:
+    if value is None:
+        return DEFAULT_RETRY_METHODS
+    if isinstance(value, str) or not isinstance(value, (tuple, list)):
+        raise ConfigurationError(
+            "retry_methods must be a list of 'package.Service/Method' names, got "
+            f"{type(value).__name__}",
+            option="retry_methods",
+        )
+    for method in value:
+        if not isinstance(method, str) or not _METHOD.match(method):
+            raise ConfigurationError(
+                f"retry_methods: {method!r} is not 'package.Service/Method', "
+                "'package.Service' or '*'",
+                option="retry_methods",
+            )
+    return tuple(value)
 
 
 def _grpc_options(options: object) -> GrpcOptions:

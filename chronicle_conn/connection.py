@@ -9,6 +9,7 @@ module but ``__init__``.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import itertools
 import math
 import os
@@ -18,11 +19,11 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
-from . import _fork, _liveness, _log, _metrics, _schedule
+from . import _fork, _liveness, _log, _metrics, _retrying, _schedule, _targets
 from ._channel_factory import ChannelFactory
 from ._core import Core
 from ._log import connection_log
@@ -98,6 +99,9 @@ def _refuse_gevent() -> None:
         )
 
 
+_T = TypeVar("_T")
+
+
 class Connection:
     """A managed connection: a background supervisor keeps one channel connected.
 
@@ -111,8 +115,17 @@ class Connection:
     Args:
         connection_string: a ``str`` or :class:`ConnectionString`; default
             ``ConnectionString.default()``.
-        server_address: ``"host:port"``, an alternative to a connection string (same
-            defaults: TLS on).
+        server_address: an alternative to a connection string: ``"host:port"`` (TLS on
+            unless ``tls=False``), or one of gRPC's own targets, dialed as it is
+            (``unix:/run/kernel.sock``, ``dns:///kernels:35000``, ``ipv4:...``,
+            ``xds:///kernel``); a gRPC target needs ``tls`` said explicitly.
+        tls: with ``server_address``: ``True`` (default root certificates), a
+            ``grpc.ChannelCredentials``, or ``False`` for plaintext.
+        retry_methods: the gRPC methods safe to run twice, which gRPC itself retries
+            on ``UNAVAILABLE`` (``"package.Service/Method"``, ``"package.Service"``,
+            ``"*"``); default: the kernel's read-only methods
+            (:data:`~chronicle_conn.config.DEFAULT_RETRY_METHODS`); ``()``: none.
+        call_retries: how many times gRPC retries those (0 to 4).
         grpc_options: extra channel arguments (win over the library's own).
         retry_attempts: retries after a failed first attempt before FAILED; None: forever.
         reconnect_base_delay, reconnect_max_delay, reconnect_multiplier,
@@ -127,7 +140,7 @@ class Connection:
             when the application configured structlog, else standard ``logging``'s).
         meter_provider: the OpenTelemetry ``MeterProvider`` to report metrics to
             (default: OpenTelemetry's global one; used only when ``opentelemetry-api``
-            is installed, the ``otel`` extra).
+            is installed, the ``otel`` extra); ``False``: no metrics.
         attempt_timeout: bound on one attempt (a host that never answers), seconds.
         keepalive_stale_after: no sign of life for this long means lost, seconds.
         max_channel_age: replace the channel after this many seconds (None: never).
@@ -160,6 +173,9 @@ class Connection:
         on_retries_exhausted: Callable[[Connection], None] | None = None,
         logger: Any = None,
         meter_provider: Any = None,
+        tls: bool | grpc.ChannelCredentials | None = None,
+        retry_methods: Sequence[str] | None = None,
+        call_retries: int = 3,
         attempt_timeout: float = 5.0,
         keepalive_stale_after: float = 5.0,
         max_channel_age: float | None = None,
@@ -169,7 +185,7 @@ class Connection:
         delay_factory: Callable[[ReconnectPolicy], Iterator[float]] | None = None,
     ) -> None:
         _refuse_gevent()
-        cs = _connection_string(connection_string, server_address)
+        cs, target = _connection_string(connection_string, server_address, tls)
         policy = ReconnectPolicy(
             retry_attempts=retry_attempts,
             base_delay=reconnect_base_delay,
@@ -194,6 +210,10 @@ class Connection:
             on_retries_exhausted=on_retries_exhausted,
             logger=logger,
             meter_provider=meter_provider,
+            target=target,
+            credentials=tls if isinstance(tls, grpc.ChannelCredentials) else None,
+            retry_methods=retry_methods,  # type: ignore[arg-type]  # normalised by the config
+            call_retries=call_retries,
         )
         # Deferred from the package import (they cost as much as the rest of it), and
         # imported now, on the constructing thread: never first by a background thread.
@@ -201,20 +221,20 @@ class Connection:
         _liveness.load()
         _log.load()
         self._config = config
-        self._label = name or f"{cs.hosts[0]}#{next(_sequence)}"
-        log = connection_log(config.logger, connection=name or self._label, target=cs.redacted())
+        self._label = name or f"{target or cs.hosts[0]}#{next(_sequence)}"
+        shown = config.shown_target
+        log = connection_log(config.logger, connection=name or self._label, target=shown)
         factory = ChannelFactory(config, log=log, label=self._label)
         self._core = core = Core(config, clock=clock, label=self._label, log=log)
         self._supervisor = Supervisor(core, factory, delay_factory=delay_factory)
         self._managed = ManagedChannel(core)
-        _metrics.attach(
-            core, config.meter_provider, connection=name or self._label, target=cs.redacted()
-        )
         core.bind(self._supervisor.start, self)
         self._pid = os.getpid()
         self._fork_lock = threading.Lock()
         if name is not None:
             registry.add(name, self)
+        # Once nothing can fail: a connection never built must not report.
+        _metrics.attach(core, config.meter_provider, connection=name or self._label, target=shown)
         _ALL.add(self)
         # Dropped without close(): shut down. The managed channel is the last thing to
         # go (stubs keep it, and so the connection, alive); nothing refers back to it or
@@ -344,6 +364,51 @@ class Connection:
         """Return ``(self.channel(), self.config)``. Raises like :meth:`channel`."""
         return self.channel(), self._config
 
+    def call(
+        self,
+        fn: Callable[[ManagedChannel], _T],
+        *,
+        timeout: float,
+        retries: int = 3,
+        idempotent: bool = False,
+    ) -> _T:
+        """Run ``fn(channel)`` within ``timeout`` seconds: wait for the connection, and
+        retry only what certainly never reached a server.
+
+        Each attempt waits for CONNECTED with what is left of ``timeout``, then calls
+        ``fn(self.channel())`` (the channel is fetched again for every attempt). An
+        outage is ridden out by that wait; ``retries`` counts failed attempts only. A
+        retry runs ``fn`` again from its start: make one call in it, with its own
+        ``timeout`` (the budget bounds waits and pauses, not a call already made).
+
+        Retried, after a jittered pause of 25 ms growing to 1 s (never past the
+        deadline): ``NotConnectedError``; a ``CallError`` ``UNAVAILABLE`` that was never
+        sent (the fail-fast answer while not connected); grpc's ``UNAVAILABLE`` whose
+        details begin "failed to connect to all addresses" or "connections to all
+        backends failing" (grpc's load balancer had no connection: nothing was sent).
+        With ``idempotent=True`` also every other ``UNAVAILABLE``: a call in flight when
+        a server dies ends ``UNAVAILABLE`` though the server may have run it, so retry it
+        only if running it twice is harmless. Never retried: ``DEADLINE_EXCEEDED``,
+        ``CANCELLED``, any other status, ``ConnectionClosedError``, other exceptions.
+
+        Args:
+            fn: ``(ManagedChannel) -> T``; its result is returned.
+            timeout: the whole budget in seconds (finite, > 0).
+            retries: how many failed attempts may be retried (an int >= 0).
+            idempotent: whether the call may safely run more than once.
+
+        Raises:
+            ConnectTimeoutError: not connected in time (one line: how many attempts,
+                within what timeout, why).
+            RetriesExhaustedError, TlsError, AuthenticationError, ConnectionClosedError:
+                as ``connect()`` raises them, at once, never retried.
+            ConfigurationError: ``timeout``, ``retries`` or ``idempotent`` is invalid.
+            whatever ``fn`` raised last, the same object, when it is not retryable or
+                retries or time ran out: ``except grpc.RpcError`` keeps working.
+        """
+
+        return _retrying.run(self, fn, timeout=timeout, retries=retries, idempotent=idempotent)
+
     def add_listener(self, listener: Callable[[StateChange], None]) -> None:
         """Call ``listener(StateChange)`` on every transition.
 
@@ -364,8 +429,23 @@ class Connection:
         self._check_fork().remove_listener(listener)
 
     def stats(self) -> ConnectionStats:
-        """A consistent snapshot of state and counters (also after close). Non-blocking."""
-        return self._check_fork().stats()
+        """A consistent snapshot of state and counters (also after close). Non-blocking.
+
+        Also what the channel dials: ``addresses`` (as resolved at its build),
+        ``load_balancer``, and ``backends_ready``, how many of them have a ready
+        transport now (from gRPC's channelz; None when it cannot tell).
+        """
+        core = self._check_fork()
+        stats = core.stats()
+        factory = self._supervisor.dialer.factory
+        resolution = factory.resolution
+        gen = core.current
+        return dataclasses.replace(
+            stats,
+            addresses=resolution.addresses if resolution is not None else (),
+            load_balancer=self._config.connection_string.load_balancer,
+            backends_ready=0 if gen is None else factory.backends_ready(gen.channel),
+        )
 
     def reconnect(self) -> None:
         """Replace the channel with a freshly dialed one (a new generation). Non-blocking.
@@ -415,7 +495,7 @@ class Connection:
     def __repr__(self) -> str:
         return (
             f"<Connection name={self._config.name!r} state={self._core.state.value} "
-            f"target={self._config.connection_string.redacted()!r}>"
+            f"target={self._config.shown_target!r}>"
         )
 
     def _threads(self) -> list[threading.Thread]:
@@ -443,18 +523,46 @@ def _timeout(value: object) -> float | None:
 
 
 def _connection_string(
-    connection_string: str | ConnectionString | None, server_address: str | None
-) -> ConnectionString:
+    connection_string: str | ConnectionString | None,
+    server_address: str | None,
+    tls: bool | grpc.ChannelCredentials | None,
+) -> tuple[ConnectionString, str | None]:
+    """The connection string, and the gRPC target to dial as it is (or None)."""
     if connection_string is not None and server_address is not None:
         raise ConfigurationError(
             "give connection_string or server_address, not both", option="server_address"
         )
-    if server_address is not None:
-        if not isinstance(server_address, str) or not server_address.strip():
+    if tls is not None and not isinstance(tls, (bool, grpc.ChannelCredentials)):
+        raise ConfigurationError(
+            f"tls must be True, False or a grpc.ChannelCredentials, not {type(tls).__name__}",
+            option="tls",
+        )
+    if server_address is None:
+        if tls is not None:
             raise ConfigurationError(
-                "server_address must be a 'host:port' string", option="server_address"
+                "tls= goes with server_address; in a connection string say disableTls=true",
+                option="tls",
             )
-        return ConnectionString.parse(f"chronicle://{server_address}")
+        return _parsed(connection_string), None
+    if not isinstance(server_address, str) or not server_address.strip():
+        raise ConfigurationError(
+            "server_address must be a 'host:port' string or a gRPC target such as "
+            "'unix:/run/kernel.sock'",
+            option="server_address",
+        )
+    plaintext = "?disableTls=true" if tls is False else ""
+    if not _targets.is_grpc_target(server_address):
+        return ConnectionString.parse(f"chronicle://{server_address}{plaintext}"), None
+    if tls is None:
+        raise ConfigurationError(
+            f"server_address {server_address!r} is a gRPC target: say tls=False for "
+            "plaintext, or tls=True (or a grpc.ChannelCredentials) for TLS",
+            option="tls",
+        )
+    return ConnectionString.parse(f"chronicle://localhost{plaintext}"), server_address.strip()
+
+
+def _parsed(connection_string: str | ConnectionString | None) -> ConnectionString:
     if connection_string is None:
         return ConnectionString.default()
     if isinstance(connection_string, ConnectionString):

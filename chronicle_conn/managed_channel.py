@@ -671,5 +671,5 @@ class ManagedChannel(grpc.Channel):
         core = self._core
         return (
             f"<ManagedChannel of connection {core.label!r} state={core.state.value} "
-            f"target={core.config.connection_string.redacted()!r}>"
+            f"target={core.config.shown_target!r}>"
         )

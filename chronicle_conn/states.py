@@ -104,6 +104,11 @@ class ConnectionStats:
     keep-alives, ``keepalive`` liveness), ``health_updates_received`` (SERVING messages
     on a ``grpc.health.v1`` Watch stream, ``health`` liveness) and ``probes_answered``
     (the periodic probes that look for a silent partition, in every mode).
+
+    What the channel dials (filled in by ``Connection.stats()``): ``addresses`` as
+    resolved at the current channel's build (or the name gRPC resolves itself),
+    ``load_balancer`` and ``backends_ready``, how many backends have a ready transport
+    (from gRPC's channelz; None when it cannot tell).
     """
 
     name: str | None
@@ -122,3 +127,6 @@ class ConnectionStats:
     waiters: int
     health_updates_received: int = 0
     probes_answered: int = 0
+    addresses: tuple[str, ...] = ()
+    load_balancer: str = "pick-first"
+    backends_ready: int | None = None

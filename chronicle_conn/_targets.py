@@ -1,0 +1,171 @@
+"""What a connection dials: the gRPC target of each channel, resolved at each build.
+
+gRPC's own resolver and load-balancing policies are the engine; this module only turns
+a connection string into one target gRPC understands:
+
+- one host by name: ``dns:///host:port`` (gRPC resolves it, and re-resolves it itself);
+- IP literals: an ``ipv4:`` / ``ipv6:`` address list;
+- several hosts, some by name: each name resolved now (both families) into one address
+  list, in the order the hosts were given (what ``pick_first`` tries first). IPv4 and
+  IPv6 together become an ``ipv6:`` list with IPv4-mapped addresses, which gRPC dials
+  as IPv4. The first name becomes the channel's authority, so TLS checks the
+  certificate against it;
+- ``chronicle+srv://name``: the SRV records of ``_chronicle._tcp.<name>`` (extra
+  ``srv``), in priority and weight order, their targets' addresses as above;
+- a gRPC target given as ``server_address`` (``dns:``, ``unix:``, ``unix-abstract:``,
+  ``ipv4:``, ``ipv6:``, ``xds:``...): used as it is.
+
+Names are resolved at every channel build (every reconnect and every
+``max_channel_age`` rotation), so a change in DNS is followed by the next channel.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass
+
+from .connection_string import ConnectionString
+
+__all__ = ["GRPC_SCHEMES", "Resolution", "UnresolvedError", "is_grpc_target", "resolve", "static"]
+
+#: The target forms of grpc's own resolvers that ``server_address`` accepts as they are.
+GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "xds:", "vsock:")
+
+
+class UnresolvedError(OSError):
+    """No address for any of the hosts (a name that does not resolve, an SRV look-up
+    that failed): the attempt fails and is retried like any other."""
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """One build's target.
+
+    Attributes:
+        target: the gRPC target string.
+        addresses: the addresses it holds (``host:port``), or the name gRPC resolves.
+        endpoints: ``(host, port)`` to reach each server directly (a certificate fetch,
+            a TLS diagnosis), in order.
+        authority: the channel's ``grpc.default_authority`` when the target lost the
+            host name (resolved addresses), else None.
+    """
+
+    target: str
+    addresses: tuple[str, ...]
+    endpoints: tuple[tuple[str, int], ...]
+    authority: str | None = None
+
+
+def is_grpc_target(text: str) -> bool:
+    """Whether ``text`` is one of grpc's own target forms (``unix:/run/k.sock``...)."""
+    lowered = text.strip().lower()
+    return any(lowered.startswith(scheme) for scheme in GRPC_SCHEMES)
+
+
+def _version(host: str) -> int | None:
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return None
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _address_list(endpoints: list[tuple[str, int]]) -> str:
+    """``ipv4:a:p,b:p``, ``ipv6:[a]:p,...``, or both as an ``ipv6:`` list (IPv4-mapped)."""
+    if all(_version(host) == 4 for host, _ in endpoints):
+        return "ipv4:" + ",".join(_address(h, p) for h, p in endpoints)
+    mapped = [(h if _version(h) == 6 else f"::ffff:{h}", p) for h, p in endpoints]
+    return "ipv6:" + ",".join(_address(h, p) for h, p in mapped)
+
+
+def static(cs: ConnectionString, grpc_target: str | None = None) -> Resolution | None:
+    """The target when no look-up is needed (one host, IP literals, a gRPC target);
+    None when names must be resolved now (:func:`resolve`)."""
+    if grpc_target is not None:
+        return Resolution(grpc_target, (grpc_target,), ())
+    if cs.is_srv:
+        return None
+    hosts = cs.hosts
+    endpoints = [(e.host, e.port) for e in hosts]
+    if len(hosts) == 1 and _version(hosts[0].host) is None:
+        host, port = endpoints[0]
+        return Resolution(
+            f"dns:///{_address(host, port)}", (_address(host, port),), (endpoints[0],)
+        )
+    if all(_version(host) is not None for host, _ in endpoints):
+        addresses = tuple(_address(h, p) for h, p in endpoints)
+        return Resolution(_address_list(endpoints), addresses, tuple(endpoints))
+    return None
+
+
+def resolve(cs: ConnectionString, deadline: float) -> Resolution:
+    """Resolve the names of ``cs`` now (blocking; ``deadline`` a ``time.monotonic()``).
+
+    Raises:
+        UnresolvedError: no host had an address (the message names them and why).
+    """
+    found = static(cs)
+    if found is not None:
+        return found
+    if cs.is_srv:
+        return _srv(cs, deadline)
+    endpoints: list[tuple[str, int]] = []
+    first_name: tuple[str, int] | None = None
+    problems: list[str] = []
+    for endpoint in cs.hosts:
+        if _version(endpoint.host) is not None:
+            endpoints.append((endpoint.host, endpoint.port))
+            continue
+        if first_name is None:
+            first_name = (endpoint.host, endpoint.port)
+        try:
+            endpoints.extend(_lookup(endpoint.host, endpoint.port))
+        except OSError as exc:
+            problems.append(f"{endpoint}: {exc.strerror or exc}")
+    return _resolution(endpoints, first_name, problems)
+
+
+def _lookup(host: str, port: int) -> list[tuple[str, int]]:
+    """The IPv4 and IPv6 addresses of ``host``, in the resolver's order, no repeats."""
+    found: list[tuple[str, int]] = []
+    for family, _, _, _, sockaddr in socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    ):
+        address = (str(sockaddr[0]).split("%", 1)[0], port)
+        if family in (socket.AF_INET, socket.AF_INET6) and address not in found:
+            found.append(address)
+    return found
+
+
+def _resolution(
+    endpoints: list[tuple[str, int]], name: tuple[str, int] | None, problems: list[str]
+) -> Resolution:
+    unique: list[tuple[str, int]] = []
+    for endpoint in endpoints:
+        if endpoint not in unique:
+            unique.append(endpoint)
+    if not unique:
+        raise UnresolvedError(f"no address for any host ({'; '.join(problems)})")
+    authority = _address(*name) if name is not None else None
+    addresses = tuple(_address(h, p) for h, p in unique)
+    return Resolution(_address_list(unique), addresses, tuple(unique), authority)
+
+
+def _srv(cs: ConnectionString, deadline: float) -> Resolution:
+    from . import _srv  # noqa: PLC0415 - the optional extra, checked at construction
+
+    service = cs.service_name
+    assert service is not None
+    timeout = max(0.05, deadline - time.monotonic())
+    try:
+        targets = _srv.lookup(service, cs.srv_name_server, timeout)
+    except _srv.SrvLookupError as exc:
+        raise UnresolvedError(str(exc)) from None
+    endpoints = [(address, t.port) for t in targets for address in t.addresses]
+    first = (targets[0].host, targets[0].port) if targets else None
+    return _resolution(endpoints, first, [f"{t.host}: no address" for t in targets])

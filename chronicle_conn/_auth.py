@@ -99,6 +99,7 @@ class TokenSource:
             raise ValueError("no token endpoint")
         self.urls = tuple(urls)
         self.url = self.urls[0]  # the one asked first (the last that answered)
+
         self.client_id = client_id
         self._secret = client_secret
         self._context = context
@@ -115,6 +116,15 @@ class TokenSource:
         #: Called (with no lock held) when ``refused`` is set.
         self.on_refused: Callable[[], None] | None = None
         self.fetches = 0  # requests made to the endpoint(s)
+
+    def set_urls(self, urls: Sequence[str]) -> None:
+        """The endpoints changed (an SRV look-up named other kernels). Keeps asking the
+        one that answered last while it is still among them."""
+        if not urls:
+            return
+        self.urls = tuple(urls)
+        if self.url not in self.urls:
+            self.url = self.urls[0]
 
     def __repr__(self) -> str:
         return f"<TokenSource {self.url} client_id={self.client_id!r} secret=***>"

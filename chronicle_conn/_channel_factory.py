@@ -49,14 +49,18 @@ class _Pin(NamedTuple):
     options: tuple[tuple[str, Any], ...]
 
 
-def token_urls(cs: ConnectionString) -> list[str]:
-    """The OAuth token endpoint of each host, on ``authPort`` or the gRPC port; https
-    with TLS, http without (as a Chronicle kernel serves it)."""
+def token_urls(
+    cs: ConnectionString, servers: Sequence[tuple[str, int]] | None = None
+) -> list[str]:
+    """The OAuth token endpoint of each host (``servers``: SRV targets instead), on
+    ``authPort`` or the gRPC port; https with TLS, http without (as a Chronicle kernel
+    serves it)."""
     scheme = "https" if cs.tls_enabled else "http"
     urls: list[str] = []
-    for endpoint in cs.hosts:
-        host = f"[{endpoint.host}]" if endpoint.is_ipv6 else endpoint.host
-        port = cs.auth_port if cs.auth_port is not None else endpoint.port
+    pairs = servers if servers is not None else [(e.host, e.port) for e in cs.hosts]
+    for name, grpc_port in pairs:
+        host = f"[{name}]" if ":" in name else name
+        port = cs.auth_port if cs.auth_port is not None else grpc_port
         url = f"{scheme}://{host}:{port}/connect/token"
         if url not in urls:
             urls.append(url)
@@ -252,6 +256,12 @@ class ChannelFactory:
         """
         resolution = self.static or _targets.resolve(self._cs, deadline)
         self.resolution = resolution
+        if resolution.servers and self.token_source is not None:
+            # chronicle+srv: each kernel serves its token endpoint. With TLS it is asked
+            # by the name SRV gives (its certificate carries it; the system's resolver
+            # must know it); without, at the address the look-up found.
+            pairs = resolution.servers if self.tls else resolution.endpoints
+            self.token_source.set_urls(token_urls(self._cs, pairs))
         return resolution
 
     def build(self, pin: Any = None, resolution: Resolution | None = None) -> grpc.Channel:

@@ -21,6 +21,7 @@ Names are resolved at every channel build (every reconnect and every
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import socket
 import time
@@ -50,12 +51,15 @@ class Resolution:
             a TLS diagnosis), in order.
         authority: the channel's ``grpc.default_authority`` when the target lost the
             host name (resolved addresses), else None.
+        servers: an SRV look-up's targets, ``(name, port)`` in its order (where the
+            kernels' token endpoints are); empty otherwise.
     """
 
     target: str
     addresses: tuple[str, ...]
     endpoints: tuple[tuple[str, int], ...]
     authority: str | None = None
+    servers: tuple[tuple[str, int], ...] = ()
 
 
 def is_grpc_target(text: str) -> bool:
@@ -168,4 +172,5 @@ def _srv(cs: ConnectionString, deadline: float) -> Resolution:
         raise UnresolvedError(str(exc)) from None
     endpoints = [(address, t.port) for t in targets for address in t.addresses]
     first = (targets[0].host, targets[0].port) if targets else None
-    return _resolution(endpoints, first, [f"{t.host}: no address" for t in targets])
+    found = _resolution(endpoints, first, [f"{t.host}: no address" for t in targets])
+    return dataclasses.replace(found, servers=tuple((t.host, t.port) for t in targets))

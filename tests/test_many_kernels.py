@@ -433,11 +433,14 @@ def test_srv_records_name_the_kernels(app_server_factory, make_conn, dns_server)
     dns_server.set_a("k0.kernels.test", ["127.0.0.1"])
     dns_server.set_a("k1.kernels.test", ["127.0.0.1"])
     conn = make_conn(_srv_string(dns_server, "&loadBalancer=round-robin"), **FAST)
-    conn.connect(timeout=10)
-    assert sorted(conn.stats().addresses) == sorted(f"127.0.0.1:{s.port}" for s in servers)
-    spread = _pids(WorkStub(conn.channel()), 30, "srv")
-    assert set(spread) == {s.stats()["pid"] for s in servers}, spread
-    assert dns_server.query_count("_chronicle._tcp.kernels.test", "SRV") >= 1
+    try:
+        conn.connect(timeout=10)
+        assert sorted(conn.stats().addresses) == sorted(f"127.0.0.1:{s.port}" for s in servers)
+        spread = _pids(WorkStub(conn.channel()), 30, "srv")
+        assert set(spread) == {s.stats()["pid"] for s in servers}, spread
+        assert dns_server.query_count("_chronicle._tcp.kernels.test", "SRV") >= 1
+    finally:
+        conn.close()  # while the DNS server still answers (it stops first)
 
 
 @pytest.mark.timeout(60)
@@ -507,6 +510,7 @@ def test_rotation_follows_dns_without_a_failed_call(app_server_factory, make_con
         stop.set()
         for thread in threads:
             thread.join(15)
+        conn.close()  # while the DNS server still answers (it stops first)
     assert failures == []
     assert conn.stats().disconnects == 0
     executions = collections.Counter(old.log.read().executions())
@@ -545,3 +549,28 @@ def test_thirty_kills_of_one_kernel_in_three_lose_no_call_issued_after(
     for server in servers:
         ran.update(server.log.read().executions())
     assert {rid: ran[rid] for rid in issued if ran[rid] != 1} == {}
+
+
+@pytest.mark.timeout(60)
+def test_srv_with_client_credentials_asks_the_kernels_it_names_for_tokens(make_conn, dns_server):
+    from chronicle_conn.devserver import DevServer
+
+    server = DevServer(auth={"shop": "s3cr3t"}).start()
+    try:
+        dns_server.set_srv(
+            "_chronicle._tcp.kernels.test", [(10, 10, server.port, "k.kernels.test")]
+        )
+        dns_server.set_a("k.kernels.test", ["127.0.0.1"])
+        conn = make_conn(
+            f"chronicle+srv://shop:s3cr3t@kernels.test?disableTls=true"
+            f"&srvNameServer={dns_server.address}",
+            **FAST,
+        )
+        conn.connect(timeout=10)
+        assert [(client, outcome) for client, outcome, _ in server.token_requests] == [
+            ("shop", "issued")
+        ]
+        assert server.authorized_calls  # the keep-alive stream carried the token
+        conn.close()  # while the kernel and the DNS server are still there
+    finally:
+        server.stop(0)

@@ -49,9 +49,7 @@ class _Pin(NamedTuple):
     options: tuple[tuple[str, Any], ...]
 
 
-def token_urls(
-    cs: ConnectionString, servers: Sequence[tuple[str, int]] | None = None
-) -> list[str]:
+def token_urls(cs: ConnectionString, servers: Sequence[tuple[str, int]] | None = None) -> list[str]:
     """The OAuth token endpoint of each host (``servers``: SRV targets instead), on
     ``authPort`` or the gRPC port; https with TLS, http without (as a Chronicle kernel
     serves it)."""
@@ -104,10 +102,8 @@ class ChannelFactory:
         self.serves_health: bool | None = None
         #: Whether the latest build had client-side health checking on.
         self.built_with_health = False
-        #: Each channel's channelz id (see ``_channelz``), for ``backends_ready``.
-        self._channelz_ids: weakref.WeakKeyDictionary[grpc.Channel, int] = (
-            weakref.WeakKeyDictionary()
-        )
+        #: Each channel's target, for ``backends_ready`` (see ``_channelz``).
+        self._targets: weakref.WeakKeyDictionary[grpc.Channel, str] = weakref.WeakKeyDictionary()
         self._log: Any = log if log is not None else QuietLog(Silent())
         self._connect_fun: ConnectFun | None = config.connect_fun
         self._disconnect_fun = config.disconnect_fun
@@ -276,15 +272,10 @@ class ChannelFactory:
         target = resolution.target
         options = self.options_for(resolution)
         self.built_with_health = self.round_robin and bool(self.serves_health)
-        connect_fun = self._connect_fun
-        channel: grpc.Channel
-        found: int | None
-        if connect_fun is not None:
-            channel, found = _channelz.build_and_find(target, lambda: connect_fun(target, options))
+        if self._connect_fun is not None:
+            channel = self._connect_fun(target, options)
         elif not self.tls:
-            channel, found = _channelz.build_and_find(
-                target, lambda: grpc.insecure_channel(target, options=options)
-            )
+            channel = grpc.insecure_channel(target, options=options)
         else:
             if self._cs.skip_tls_validation and self._grpc_target is None:
                 if pin is None:
@@ -294,19 +285,16 @@ class ChannelFactory:
             else:
                 assert self._credentials is not None
                 credentials = self._credentials
-            channel, found = _channelz.build_and_find(
-                target, lambda: grpc.secure_channel(target, credentials, options=options)
-            )
+            channel = grpc.secure_channel(target, credentials, options=options)
         if self._interceptor is not None:
             channel = grpc.intercept_channel(channel, self._interceptor)
-        if found is not None:
-            self._channelz_ids[channel] = found
+        self._targets[channel] = target
         return channel
 
     def backends_ready(self, channel: grpc.Channel) -> int | None:
         """How many of ``channel``'s backends have a ready transport (None: unknown)."""
-        found = self._channelz_ids.get(channel)
-        return None if found is None else _channelz.backends_ready(found)
+        target = self._targets.get(channel)
+        return None if target is None else _channelz.backends_ready(target)
 
     def fetch_pin(self, deadline: float) -> _Pin:
         """``skipTlsValidation``: the certificate a host presents now, to trust exactly

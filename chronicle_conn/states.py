@@ -108,7 +108,8 @@ class ConnectionStats:
     What the channel dials (filled in by ``Connection.stats()``): ``addresses`` as
     resolved at the current channel's build (or the name gRPC resolves itself),
     ``load_balancer`` and ``backends_ready``, how many backends have a ready transport
-    (from gRPC's channelz; None when it cannot tell).
+    (from gRPC's channelz; None when it cannot tell, as when the process has several
+    channels to the same target).
     """
 
     name: str | None

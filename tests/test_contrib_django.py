@@ -228,7 +228,11 @@ def _errors(value: object) -> list[tuple[str, str]]:
         ({"x": {"CONNECTION_STRING": 35000}}, "E004", ["must be a str", "not int"]),
         ({"x": {"CONNECTION_STRING": "http://h:1"}}, "E004", ["['x']['CONNECTION_STRING']"]),
         ({"x": {"CONNECTION_STRING": "chronicle://h?caPath=/nope"}}, "E004", ["caPath"]),
-        ({"x": {"CONNECTION_STRING": "chronicle+srv://kernels"}}, "E004", ["chronicle+srv"]),
+        (
+            {"x": {"CONNECTION_STRING": "chronicle+srv://kernels?srvNameServer=ns:99999"}},
+            "E004",
+            ["srvNameServer"],
+        ),
         ({"x": {"OPTIONS": [("retry_attempts", 1)]}}, "E005", ["must be a dict", "not list"]),
         ({"x": {"OPTIONS": {"connection_string": "y"}}}, "E005", ["['x']['CONNECTION_STRING']"]),
         ({"x": {"OPTIONS": {"retries": 1}}}, "E005", ["'retries'", "valid keys:"]),

@@ -200,10 +200,10 @@ MISCONFIGURATIONS = [
         id="missing-ca-file",
     ),
     pytest.param(
-        {"CHRONICLE_CONNECTION_STRING": "chronicle+srv://kernel"},
-        "CHRONICLE_CONNECTION_STRING: chronicle+srv connection strings are not supported",
-        cc.ConfigurationError,
-        id="srv-not-supported",
+        {"CHRONICLE_CONNECTION_STRING": "chronicle+srv://kernel?srvNameServer=ns:99999"},
+        "CHRONICLE_CONNECTION_STRING: query key 'srvNameServer'",
+        cc.ConnectionStringError,
+        id="bad-srv-name-server",
     ),
     pytest.param(
         {"CHRONICLE_CONNECTION_STRING": 35000},

@@ -6,7 +6,10 @@ One factory per connection; every generation and every candidate channel comes f
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -93,7 +96,7 @@ class ChannelFactory:
             _srv.require_dnspython()
         #: The target when it needs no look-up, else None (see :meth:`resolve`).
         self.static = _targets.static(cs, config.target)
-        #: The latest resolution (for ``stats()``).
+        #: The latest resolution (the attempt in progress, or the last one).
         self.resolution: Resolution | None = self.static
         self.round_robin = cs.load_balancer == "round-robin"
         #: Whether the server serves ``grpc.health.v1`` (None: not known yet). With
@@ -102,8 +105,12 @@ class ChannelFactory:
         self.serves_health: bool | None = None
         #: Whether the latest build had client-side health checking on.
         self.built_with_health = False
-        #: Each channel's target, for ``backends_ready`` (see ``_channelz``).
-        self._targets: weakref.WeakKeyDictionary[grpc.Channel, str] = weakref.WeakKeyDictionary()
+        #: What each channel was built to dial, and in which process (``stats()``;
+        #: ``backends_ready``).
+        self._built: weakref.WeakKeyDictionary[grpc.Channel, tuple[Resolution, int]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._pid = os.getpid()
         self._log: Any = log if log is not None else QuietLog(Silent())
         self._connect_fun: ConnectFun | None = config.connect_fun
         self._disconnect_fun = config.disconnect_fun
@@ -130,7 +137,6 @@ class ChannelFactory:
         user_keys = {key for key, _ in config.grpc_options}
         self._user_name_override = "grpc.ssl_target_name_override" in user_keys
         self._user_authority = "grpc.default_authority" in user_keys
-        self._user_service_config = "grpc.service_config" in user_keys
         self.tls = cs.tls_enabled
         self.material: Any = None  # _tls.TlsMaterial when TLS is on
         # On the constructing thread: the supervisor uses it to diagnose failures.
@@ -236,9 +242,15 @@ class ChannelFactory:
             config["methodConfig"] = self._method_config
         return config
 
-    def options_for(self, resolution: Resolution | None) -> tuple[tuple[str, Any], ...]:
+    def options_for(
+        self, resolution: Resolution | None, pin: _Pin | None = None
+    ) -> tuple[tuple[str, Any], ...]:
         own = [*self._own, ("grpc.service_config", _json(self.service_config()))]
-        if resolution is not None and resolution.authority and not self._user_authority:
+        if pin is not None and pin.options:
+            # A name the pinned certificates carry, which is then the authority too
+            # (gRPC refuses calls whose authority differs from it).
+            own.extend(pin.options)
+        elif resolution is not None and resolution.authority and not self._user_authority:
             # Resolved addresses lost the name: TLS checks the certificate against it.
             own.append(("grpc.default_authority", resolution.authority))
         return (*own, *self._user_options)
@@ -270,7 +282,8 @@ class ChannelFactory:
         if resolution is None:
             raise ValueError("build() needs the target resolved first (resolve())")
         target = resolution.target
-        options = self.options_for(resolution)
+        pinned = self.tls and self._cs.skip_tls_validation and self._grpc_target is None
+        options = self.options_for(resolution, pin if pinned and pin is not None else None)
         self.built_with_health = self.round_robin and bool(self.serves_health)
         if self._connect_fun is not None:
             channel = self._connect_fun(target, options)
@@ -281,53 +294,99 @@ class ChannelFactory:
                 if pin is None:
                     raise ValueError("skipTlsValidation: build() needs the pinned certificate")
                 credentials = self._channel_credentials(pin.pem)
-                options = (*options, *pin.options)
             else:
                 assert self._credentials is not None
                 credentials = self._credentials
             channel = grpc.secure_channel(target, credentials, options=options)
         if self._interceptor is not None:
             channel = grpc.intercept_channel(channel, self._interceptor)
-        self._targets[channel] = target
+        # (A connect_fun's channel may not be weakly referable: then it is not known.)
+        with contextlib.suppress(TypeError):
+            self._built[channel] = (resolution, os.getpid())
         return channel
+
+    def resolution_of(self, channel: grpc.Channel) -> Resolution | None:
+        """What ``channel`` was built to dial (None: unknown)."""
+        try:
+            built = self._built.get(channel)
+        except TypeError:
+            return None
+        return None if built is None else built[0]
 
     def backends_ready(self, channel: grpc.Channel) -> int | None:
         """How many of ``channel``'s backends have a ready transport (None: unknown)."""
-        target = self._targets.get(channel)
-        return None if target is None else _channelz.backends_ready(target)
+        try:
+            built = self._built.get(channel)
+        except TypeError:
+            return None
+        if built is None:
+            return None
+        resolution, pid = built
+        # Built in a forked child: the channels copied from the parent are older.
+        forked = pid != self._pid
+        return _channelz.backends_ready(resolution.target, newest=forked)
 
     def fetch_pin(self, deadline: float) -> _Pin:
-        """``skipTlsValidation``: the certificate a host presents now, to trust exactly
-        that under a name it carries (blocks, until ``deadline``, a ``time.monotonic()``
-        value). A host that does not answer is skipped. Logs a warning each time.
+        """``skipTlsValidation``: the certificates the hosts present now, to trust exactly
+        those under a name they carry (blocks, until ``deadline``, a
+        ``time.monotonic()`` value). Every host is asked at once; one that does not
+        answer is left out (it cannot be dialed then). Logs a warning each time.
+
+        One channel checks every server against one name: the first host's, if every
+        certificate fetched carries it, else a name they all carry; without one, the
+        servers whose certificate lacks it are refused (each kernel's certificate
+        should carry a common name, as a development kernel's ``localhost`` does).
 
         Raises:
             OSError: no host presented a certificate (the last host's error).
         """
         tls = self._tls_module
-        error: OSError = OSError("no host to ask for its certificate")
         endpoints = self.resolution.endpoints if self.resolution is not None else ()
-        for host, port in endpoints:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
+        results: dict[tuple[str, int], Any] = {}
+        lock = threading.Lock()
+
+        def fetch(endpoint: tuple[str, int]) -> None:
+            host, port = endpoint
+            outcome: Any
             try:
-                info = tls.fetch_certificate(host, port, remaining, material=self.material)
+                remaining = max(0.001, deadline - time.monotonic())
+                outcome = tls.fetch_certificate(host, port, remaining, material=self.material)
             except (OSError, ValueError) as exc:
-                error = exc if isinstance(exc, OSError) else OSError(str(exc))
-                continue
-            name = tls.target_name(host, info.names)
-            self._log.warning(
-                "tls_validation_skipped",
-                host=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
-                certificate_for=", ".join(info.names) or "unknown",
-                hint="skipTlsValidation=true trusts whatever certificate the server presents",
-            )
-            options: tuple[tuple[str, Any], ...] = ()
-            if name is not None and name != host and not self._user_name_override:
-                options = (("grpc.ssl_target_name_override", name),)
-            return _Pin(info.pem, options)
-        raise OSError(f"skipTlsValidation: could not fetch the server's certificate: {error}")
+                outcome = exc if isinstance(exc, OSError) else OSError(str(exc))
+            with lock:
+                results[endpoint] = outcome
+
+        threads = [
+            threading.Thread(target=fetch, args=(e,), name="chronicle_conn-pin", daemon=True)
+            for e in endpoints
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with lock:
+            found = [(e, results.get(e)) for e in endpoints]
+        fetched = [(e, info) for e, info in found if isinstance(info, tls.CertificateInfo)]
+        if not fetched:
+            errors = [info for _, info in found if isinstance(info, OSError)]
+            error = errors[-1] if errors else OSError("no host answered in time")
+            raise OSError(f"skipTlsValidation: could not fetch the server's certificate: {error}")
+        (host, _), first = fetched[0]
+        name = tls.target_name(host, first.names)
+        if name is not None and not all(name in info.names for _, info in fetched[1:]):
+            common = [n for n in first.names if all(n in i.names for _, i in fetched[1:])]
+            name = common[0] if common else name
+        self._log.warning(
+            "tls_validation_skipped",
+            host=", ".join(_targets.address(h, p) for (h, p), _ in fetched),
+            certificate_for="; ".join(", ".join(i.names) or "unknown" for _, i in fetched),
+            hint="skipTlsValidation=true trusts whatever certificate the server presents",
+        )
+        pems = list(dict.fromkeys(info.pem for _, info in fetched))
+        options: tuple[tuple[str, Any], ...] = ()
+        if name is not None and name != host and not self._user_name_override:
+            options = (("grpc.ssl_target_name_override", name),)
+        return _Pin(b"\n".join(pems), options)
 
     def authenticate(self, deadline: float, *, fresh: bool = False) -> bool:
         """Have a token at hand before the channel is used (client credentials only);
@@ -351,7 +410,17 @@ class ChannelFactory:
         host, port = self._failed_address(details)
         tls = self._tls_module
         material = self.material if self.material is not None else tls.TlsMaterial()
-        server_name = dict(self.options).get("grpc.ssl_target_name_override")
+        resolution = self.resolution
+        options = dict(self.options)
+        # The name gRPC checks the certificate against: an override, else the authority
+        # (the first name, with resolved addresses), else the address dialed.
+        server_name = options.get("grpc.ssl_target_name_override")
+        authority = options.get("grpc.default_authority")
+        if server_name is None and isinstance(authority, str):
+            server_name = authority.rpartition(":")[0].strip("[]") or None
+        shown = None
+        if resolution is not None and len(resolution.endpoints) == 1:
+            shown = resolution.authority or resolution.addresses[0]
         problem: Any = tls.diagnose(
             details,
             pinned=self._cs.skip_tls_validation,
@@ -363,7 +432,7 @@ class ChannelFactory:
             ca_path=self._cs.ca_path,
             server_name=server_name,
             timeout=max(0.05, min(2.0, deadline - time.monotonic())),
-            shown=str(self._cs.hosts[0]) if len(self._endpoints()) == 1 else None,
+            shown=shown,
         )
         return problem
 
@@ -392,6 +461,13 @@ class ChannelFactory:
         if self.token_source is not None:
             self.token_source.fork_child()
 
+    def bare(self, channel: grpc.Channel) -> grpc.Channel:
+        """``channel`` without the interceptor that adds the credentials: calls on it
+        carry what gRPC's own calls (client-side health checking) carry."""
+        if self._interceptor is not None and isinstance(channel, grpc._interceptor._Channel):
+            return channel._channel
+        return channel
+
     def dispose(self, channel: grpc.Channel, *, unavailable: str | None = None) -> None:
         """Close ``channel`` (through ``disconnect_fun`` when one is configured).
 
@@ -401,8 +477,7 @@ class ChannelFactory:
         the channel is one of grpc's own. Fast: the library's channels have no
         connectivity poller to wait for.
         """
-        if self._interceptor is not None and isinstance(channel, grpc._interceptor._Channel):
-            channel = channel._channel  # the one build() made, and disconnect_fun knows
+        channel = self.bare(channel)  # the one build() made, and disconnect_fun knows
         if self._disconnect_fun is not None:
             self._disconnect_fun(channel)
             return

@@ -4,7 +4,8 @@ grpc-python exposes no subchannel state; channelz (on by default in gRPC core) d
 as JSON, through ``cygrpc``. It is read only when ``stats()`` asks, never while a
 channel is built (a forked child whose gRPC skipped its fork handlers must not touch
 it to connect). The channel is found by its target, so the answer is None when the
-process has several channels to that target. A backend that is connected but
+process has several channels to that target (except in a forked child, where the
+newest is taken: the parent's, copied into the child, are older). A backend that is connected but
 NOT_SERVING (client-side health checking) still counts as ready: channelz reports the
 transport. Every function answers None when channelz cannot tell.
 """
@@ -43,15 +44,19 @@ def _channel_ids(target: str) -> list[int]:
     return found
 
 
-def backends_ready(target: str) -> int | None:
+def backends_ready(target: str, *, newest: bool = False) -> int | None:
     """How many backends of the process's one channel to ``target`` have a READY
     transport; None when channelz cannot tell (no such channel, or several: another
-    connection to the same target, a replaced channel still finishing its calls)."""
+    connection to the same target, a replaced channel still finishing its calls).
+
+    ``newest``: of several, the one built last (channelz numbers channels in order): in
+    a forked child, the channels copied from the parent are older than the child's own.
+    """
     try:
         ids = _channel_ids(target)
-        if len(ids) != 1:
+        if not ids or (len(ids) > 1 and not newest):
             return None
-        return _ready(ids[0])
+        return _ready(max(ids))
     except Exception:  # another grpc version's JSON
         return None
 

@@ -305,13 +305,19 @@ class Dialer:
     def _serves_health(self, channel: grpc.Channel, deadline: float) -> bool | None:
         """Whether the server serves ``grpc.health.v1`` (None: could not tell now). With
         round robin, the next channels then turn on gRPC's client-side health checking
-        (``ChannelFactory.service_config``)."""
+        (``ChannelFactory.service_config``).
+
+        Asked without the connection's credentials (``apiKey``, a token): gRPC's health
+        watch carries none, so a server whose health service wants them would look
+        unhealthy on every backend; it counts as not serving health."""
         core = self._core
-        if core.liveness == LivenessMode.HEALTH.value:
+        factory = self._factory
+        bare = factory.bare(channel)
+        if core.liveness == LivenessMode.HEALTH.value and bare is channel:
             return True
         deadline = min(deadline, core.clock() + 1.0)
         try:
-            future = _health.check_callable(channel).future(
+            future = _health.check_callable(bare).future(
                 _health.load().HealthCheckRequest(service=""),
                 timeout=max(0.001, deadline - core.clock()),
                 wait_for_ready=False,
@@ -327,8 +333,13 @@ class Dialer:
             # checking takes any other answer, and no answer, for "not serving").
             return future.result().status in (_health.SERVING, _health.NOT_SERVING)
         code, _ = rpc_status(error)
-        if code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND):
-            return False  # no health service, or none for the whole server
+        if code in (
+            grpc.StatusCode.UNIMPLEMENTED,  # no health service
+            grpc.StatusCode.NOT_FOUND,  # none for the whole server
+            grpc.StatusCode.UNAUTHENTICATED,  # only with credentials
+            grpc.StatusCode.PERMISSION_DENIED,
+        ):
+            return False
         return None
 
     def _timed_out(self, readiness: bool) -> str:

@@ -21,12 +21,12 @@ import ipaddress
 import math
 import random
 import socket
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from ._targets import lookup_many
 from .errors import ChronicleConnError, ConfigurationError
 
 if TYPE_CHECKING:
@@ -242,7 +242,7 @@ def lookup(
         if _is_ip(host):
             addresses = [host]
         else:
-            found = _getaddrinfo_many([host], socket.SOCK_DGRAM, deadline)[host]
+            found = lookup_many([host], socket.SOCK_DGRAM, deadline)[host]
             if not isinstance(found, list) or not found:
                 reason = "no answer in time" if found is None else found or "no IP address"
                 raise fail(f"srvNameServer host {host!r} does not resolve: {reason}")
@@ -453,49 +453,12 @@ def _addresses_by_query(
 
 
 def _addresses_by_getaddrinfo(names: Sequence[str], deadline: float) -> dict[str, list[str]]:
-    found = _getaddrinfo_many(names, socket.SOCK_STREAM, deadline)
+    found = lookup_many(names, socket.SOCK_STREAM, deadline)
     return {
         name.lower(): addresses
         for name, addresses in found.items()
         if isinstance(addresses, list) and addresses
     }
-
-
-def _getaddrinfo_many(
-    hosts: Sequence[str], socktype: int, deadline: float
-) -> dict[str, list[str] | str | None]:
-    """Resolve ``hosts`` with :func:`socket.getaddrinfo`, in parallel, until ``deadline``.
-
-    getaddrinfo has no timeout of its own, so each runs on a daemon thread; one still
-    running at the deadline is left to finish alone. Returns, per host, its IPv4 and
-    IPv6 addresses in the resolver's order, the error text, or None (no result in time).
-    """
-    results: dict[str, list[str] | str] = {}
-    lock = threading.Lock()
-
-    def resolve(host: str) -> None:
-        try:
-            infos = socket.getaddrinfo(host, None, type=socktype)
-            addresses: list[str] = []
-            for family, _, _, _, sockaddr in infos:
-                if family in (socket.AF_INET, socket.AF_INET6):
-                    _add(addresses, [str(sockaddr[0]).split("%", 1)[0]])
-            outcome: list[str] | str = addresses
-        except OSError as exc:
-            outcome = _one_line(str(exc.strerror or exc))
-        with lock:
-            results[host] = outcome
-
-    threads = [
-        threading.Thread(target=resolve, args=(host,), name="chronicle_conn-srv", daemon=True)
-        for host in hosts
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    with lock:
-        return {host: results.get(host) for host in hosts}
 
 
 def _add(into: list[str], addresses: Iterable[str]) -> None:

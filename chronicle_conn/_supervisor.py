@@ -61,6 +61,10 @@ _AGE_JITTER = 0.1
 #: be cancelled at once, which costs the server and can deadlock one built on
 #: grpcio-health-checking's servicer (grpc/grpc#43403).
 _FORK_SETTLE = 0.25
+#: Verifying a channel with several backends: probes at most this many times, the n-th
+#: after n times this pause (see ``Supervisor._verify``).
+_VERIFY_TRIES = 3
+_VERIFY_PAUSE = 0.05
 
 
 class _Act(enum.Enum):
@@ -636,23 +640,48 @@ class Supervisor:
             # VERIFY. A cold channel is not a dead one (idle timeout, a GOAWAY from a
             # healthy server): a probe tells, and a dead server refuses it at once.
             core.log.debug("verifying", reason=reason)
-            failure = self.dialer.probe(gen.channel, core.clock() + core.config.attempt_timeout)
+            failure = self._verify(gen)
             if isinstance(failure, Interrupted):
                 with core.cond:
                     self._call_suspect = self._call_suspect or reason  # verify after the fork
                 continue
-            if failure is None and gen.monitor.status in (
-                MonitorStatus.ENDED,
-                MonitorStatus.FAILED,
-            ):
-                failure = self._restart_monitor(gen, alive_at=core.clock())
-                if isinstance(failure, Interrupted):
-                    continue  # the monitor is STOPPED: restarted after the fork
             if failure is not None:
                 self._lose(gen, f"{reason}; {failure}", failure)
                 return None
             with core.cond:
                 self._verified_at = core.clock()
+
+    def _verify(self, gen: Generation) -> AttemptFailed | None:
+        """Is ``gen``'s server (one of its backends) still there? A probe, and the
+        liveness monitor opened again if its stream ended. None if so.
+
+        With several backends, a dead one may still be picked for a moment after it
+        died (its transport not yet known to be gone), so an unreachable answer is
+        asked again, a little later, up to ``_VERIFY_TRIES`` times: the connection is
+        lost only when no backend answers."""
+        core = self.core
+        tries = _VERIFY_TRIES if self._several_backends(gen) else 1
+        failure: AttemptFailed | None = None
+        for attempt in range(tries):
+            if attempt:
+                with core.cond:
+                    core.cond.wait_for(self._stopping, _VERIFY_PAUSE * attempt)
+                if self._stopping():
+                    return None
+            failure = self.dialer.probe(gen.channel, core.clock() + core.config.attempt_timeout)
+            if failure is None and gen.monitor.status in (
+                MonitorStatus.ENDED,
+                MonitorStatus.FAILED,
+            ):
+                failure = self._restart_monitor(gen, alive_at=core.clock())
+            if not isinstance(failure, Unreachable):
+                return failure  # None, Interrupted (a fork), or not about reachability
+        return failure
+
+    def _several_backends(self, gen: Generation) -> bool:
+        factory = self.dialer.factory
+        resolution = factory.resolution_of(gen.channel)
+        return factory.round_robin or (resolution is not None and len(resolution.addresses) > 1)
 
     def _next(self, gen: Generation) -> tuple[_Act, str]:
         """Wait (under the lock) until something needs doing about ``gen``."""

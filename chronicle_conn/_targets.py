@@ -11,7 +11,8 @@ a connection string into one target gRPC understands:
   as IPv4. The first name becomes the channel's authority, so TLS checks the
   certificate against it;
 - ``chronicle+srv://name``: the SRV records of ``_chronicle._tcp.<name>`` (extra
-  ``srv``), in priority and weight order, their targets' addresses as above;
+  ``srv``), in priority and weight order, their targets' addresses as above; the
+  authority is the first target by priority, then by name (stable across look-ups);
 - a gRPC target given as ``server_address`` (``dns:``, ``unix:``, ``unix-abstract:``,
   ``ipv4:``, ``ipv6:``, ``xds:``...): used as it is.
 
@@ -24,12 +25,23 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import socket
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .connection_string import ConnectionString
 
-__all__ = ["GRPC_SCHEMES", "Resolution", "UnresolvedError", "is_grpc_target", "resolve", "static"]
+__all__ = [
+    "GRPC_SCHEMES",
+    "Resolution",
+    "UnresolvedError",
+    "address",
+    "is_grpc_target",
+    "lookup_many",
+    "resolve",
+    "static",
+]
 
 #: The target forms of grpc's own resolvers that ``server_address`` accepts as they are.
 GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "xds:", "vsock:")
@@ -75,16 +87,17 @@ def _version(host: str) -> int | None:
         return None
 
 
-def _address(host: str, port: int) -> str:
+def address(host: str, port: int) -> str:
+    """``host:port``, with brackets around an IPv6 address."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _address_list(endpoints: list[tuple[str, int]]) -> str:
     """``ipv4:a:p,b:p``, ``ipv6:[a]:p,...``, or both as an ``ipv6:`` list (IPv4-mapped)."""
     if all(_version(host) == 4 for host, _ in endpoints):
-        return "ipv4:" + ",".join(_address(h, p) for h, p in endpoints)
+        return "ipv4:" + ",".join(address(h, p) for h, p in endpoints)
     mapped = [(h if _version(h) == 6 else f"::ffff:{h}", p) for h, p in endpoints]
-    return "ipv6:" + ",".join(_address(h, p) for h, p in mapped)
+    return "ipv6:" + ",".join(address(h, p) for h, p in mapped)
 
 
 def static(cs: ConnectionString, grpc_target: str | None = None) -> Resolution | None:
@@ -98,26 +111,34 @@ def static(cs: ConnectionString, grpc_target: str | None = None) -> Resolution |
     endpoints = [(e.host, e.port) for e in hosts]
     if len(hosts) == 1 and _version(hosts[0].host) is None:
         host, port = endpoints[0]
-        return Resolution(
-            f"dns:///{_address(host, port)}", (_address(host, port),), (endpoints[0],)
-        )
+        return Resolution(f"dns:///{address(host, port)}", (address(host, port),), (endpoints[0],))
     if all(_version(host) is not None for host, _ in endpoints):
-        addresses = tuple(_address(h, p) for h, p in endpoints)
-        return Resolution(_address_list(endpoints), addresses, tuple(endpoints))
+        addresses = tuple(address(h, p) for h, p in endpoints)
+        # Several addresses: the first is the authority (the TLS name checked), as for
+        # several names; gRPC would otherwise use the whole list's text.
+        authority = addresses[0] if len(addresses) > 1 else None
+        return Resolution(_address_list(endpoints), addresses, tuple(endpoints), authority)
     return None
 
 
 def resolve(cs: ConnectionString, deadline: float) -> Resolution:
     """Resolve the names of ``cs`` now (blocking; ``deadline`` a ``time.monotonic()``).
+    Names are looked up in parallel; one with no answer within half the time left is
+    left out like one that does not resolve.
 
     Raises:
         UnresolvedError: no host had an address (the message names them and why).
     """
-    found = static(cs)
-    if found is not None:
-        return found
+    fixed = static(cs)
+    if fixed is not None:
+        return fixed
     if cs.is_srv:
         return _srv(cs, deadline)
+    names = list(dict.fromkeys(e.host for e in cs.hosts if _version(e.host) is None))
+    # In parallel, and for at most half the time left: a name whose resolver hangs is
+    # left out, and the attempt keeps time to dial the others.
+    now = time.monotonic()
+    found = lookup_many(names, socket.SOCK_STREAM, now + max(0.0, deadline - now) / 2)
     endpoints: list[tuple[str, int]] = []
     first_name: tuple[str, int] | None = None
     problems: list[str] = []
@@ -127,23 +148,52 @@ def resolve(cs: ConnectionString, deadline: float) -> Resolution:
             continue
         if first_name is None:
             first_name = (endpoint.host, endpoint.port)
-        try:
-            endpoints.extend(_lookup(endpoint.host, endpoint.port))
-        except OSError as exc:
-            problems.append(f"{endpoint}: {exc.strerror or exc}")
+        addresses = found[endpoint.host]
+        if isinstance(addresses, list) and addresses:
+            endpoints.extend((ip, endpoint.port) for ip in addresses)
+        else:
+            reason = "no answer in time" if addresses is None else addresses or "no address"
+            problems.append(f"{endpoint}: {reason}")
     return _resolution(endpoints, first_name, problems)
 
 
-def _lookup(host: str, port: int) -> list[tuple[str, int]]:
-    """The IPv4 and IPv6 addresses of ``host``, in the resolver's order, no repeats."""
-    found: list[tuple[str, int]] = []
-    for family, _, _, _, sockaddr in socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-    ):
-        address = (str(sockaddr[0]).split("%", 1)[0], port)
-        if family in (socket.AF_INET, socket.AF_INET6) and address not in found:
-            found.append(address)
-    return found
+def lookup_many(
+    hosts: Sequence[str], socktype: int, deadline: float
+) -> dict[str, list[str] | str | None]:
+    """Resolve ``hosts`` with :func:`socket.getaddrinfo`, in parallel, until ``deadline``
+    (a ``time.monotonic()`` value).
+
+    getaddrinfo has no timeout of its own, so each runs on a daemon thread; one still
+    running at the deadline is left to finish alone (its name counts as unresolved).
+    Returns, per host, its IPv4 and IPv6 addresses in the resolver's order without
+    repeats, the error's text, or None (no answer in time).
+    """
+    results: dict[str, list[str] | str] = {}
+    lock = threading.Lock()
+
+    def run(host: str) -> None:
+        outcome: list[str] | str
+        try:
+            outcome = []
+            for family, _, _, _, sockaddr in socket.getaddrinfo(host, None, type=socktype):
+                address = str(sockaddr[0]).split("%", 1)[0]
+                if family in (socket.AF_INET, socket.AF_INET6) and address not in outcome:
+                    outcome.append(address)
+        except OSError as exc:
+            outcome = " ".join(str(exc.strerror or exc).split())[:120]
+        with lock:
+            results[host] = outcome
+
+    threads = [
+        threading.Thread(target=run, args=(host,), name="chronicle_conn-resolve", daemon=True)
+        for host in hosts
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    with lock:
+        return {host: results.get(host) for host in hosts}
 
 
 def _resolution(
@@ -155,8 +205,8 @@ def _resolution(
             unique.append(endpoint)
     if not unique:
         raise UnresolvedError(f"no address for any host ({'; '.join(problems)})")
-    authority = _address(*name) if name is not None else None
-    addresses = tuple(_address(h, p) for h, p in unique)
+    authority = address(*name) if name is not None else None
+    addresses = tuple(address(h, p) for h, p in unique)
     return Resolution(_address_list(unique), addresses, tuple(unique), authority)
 
 
@@ -171,6 +221,9 @@ def _srv(cs: ConnectionString, deadline: float) -> Resolution:
     except _srv.SrvLookupError as exc:
         raise UnresolvedError(str(exc)) from None
     endpoints = [(address, t.port) for t in targets for address in t.addresses]
-    first = (targets[0].host, targets[0].port) if targets else None
+    # The authority (the name TLS checks every kernel's certificate against) must not
+    # follow the weighted shuffle: the first target by priority, then by name.
+    stable = min(targets, key=lambda t: (t.priority, t.host, t.port), default=None)
+    first = (stable.host, stable.port) if stable is not None else None
     found = _resolution(endpoints, first, [f"{t.host}: no address" for t in targets])
     return dataclasses.replace(found, servers=tuple((t.host, t.port) for t in targets))

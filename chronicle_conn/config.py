@@ -176,7 +176,9 @@ class ConnectionConfig:
         retry_methods: the gRPC methods safe to run twice (idempotent), which gRPC
             retries on ``UNAVAILABLE`` through the channel's service config:
             ``"package.Service/Method"``, ``"package.Service"`` (all its methods) or
-            ``"*"`` (every method). Default: :data:`DEFAULT_RETRY_METHODS`.
+            ``"*"`` (every method). Default: :data:`DEFAULT_RETRY_METHODS`. The
+            library's own calls (health ``Check`` and ``Watch``, the keep-alive stream)
+            are never retried.
         call_retries: how many times gRPC retries one of them (0..4; 0: never).
     """
 
@@ -275,7 +277,13 @@ class ConnectionConfig:
             "backoffMultiplier": 2,
             "retryableStatusCodes": ["UNAVAILABLE"],
         }
-        return [{"name": names, "retryPolicy": policy}]
+        # The library's own calls (probes, the keep-alive stream) are never retried, even
+        # under "*" or their whole service: a method's own entry wins over those.
+        own = [
+            {"service": service, "method": name}
+            for service, _, name in (m.partition("/") for m in LIBRARY_METHODS)
+        ]
+        return [{"name": names, "retryPolicy": policy}, {"name": own}]
 
     def _check_files(self) -> None:
         cs = self.connection_string
@@ -299,6 +307,14 @@ DEFAULT_RETRY_METHODS: tuple[str, ...] = (
     "Cratis.Chronicle.Contracts.Clients.ConnectionService/GetDescriptorSet",
 )
 
+#: The methods the library calls itself, which must fail fast: gRPC never retries them.
+LIBRARY_METHODS: tuple[str, ...] = (
+    "grpc.health.v1.Health/Check",
+    "grpc.health.v1.Health/Watch",
+    "Cratis.Chronicle.Contracts.Clients.ConnectionService/Connect",
+    "Cratis.Chronicle.Contracts.Clients.ConnectionService/ConnectionKeepAlive",
+)
+
 _METHOD = re.compile(r"^(\*|[A-Za-z_][\w.]*(/[A-Za-z_]\w*)?)$")
 
 
@@ -318,7 +334,13 @@ def _retry_methods(value: object) -> tuple[str, ...]:
                 "'package.Service' or '*'",
                 option="retry_methods",
             )
-    return tuple(value)
+        if method in LIBRARY_METHODS:
+            raise ConfigurationError(
+                f"retry_methods: {method} is called by the library itself, which must "
+                "see its failures at once: leave it out",
+                option="retry_methods",
+            )
+    return tuple(dict.fromkeys(value))  # a name twice would make the service config invalid
 
 
 def _grpc_options(options: object) -> GrpcOptions:

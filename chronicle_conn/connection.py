@@ -431,15 +431,16 @@ class Connection:
     def stats(self) -> ConnectionStats:
         """A consistent snapshot of state and counters (also after close). Non-blocking.
 
-        Also what the channel dials: ``addresses`` (as resolved at its build),
-        ``load_balancer``, and ``backends_ready``, how many of them have a ready
-        transport now (from gRPC's channelz; None when it cannot tell).
+        Also what the channel dials: ``addresses`` (as resolved at the current
+        channel's build; without one, at the latest attempt's), ``load_balancer``, and
+        ``backends_ready``, how many of them have a ready transport now (from gRPC's
+        channelz; None when it cannot tell).
         """
         core = self._check_fork()
         stats = core.stats()
         factory = self._supervisor.dialer.factory
-        resolution = factory.resolution
         gen = core.current
+        resolution = factory.resolution if gen is None else factory.resolution_of(gen.channel)
         return dataclasses.replace(
             stats,
             addresses=resolution.addresses if resolution is not None else (),

@@ -106,7 +106,8 @@ class ConnectionStats:
     (the periodic probes that look for a silent partition, in every mode).
 
     What the channel dials (filled in by ``Connection.stats()``): ``addresses`` as
-    resolved at the current channel's build (or the name gRPC resolves itself),
+    resolved at the current channel's build (without one, at the latest attempt's; a
+    single name is shown as it is, since gRPC resolves it itself),
     ``load_balancer`` and ``backends_ready``, how many backends have a ready transport
     (from gRPC's channelz; None when it cannot tell, as when the process has several
     channels to the same target).

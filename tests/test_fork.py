@@ -166,6 +166,34 @@ def test_user_calls_in_flight_at_fork(app_server_factory):
     assert "Wrong file descriptor generation" not in result["stderr_tail"]
 
 
+@pytest.mark.timeout(120)
+def test_backends_ready_in_a_forked_child(make_conn, app_server_factory):
+    """A child's stats() reads its own channel in channelz, not the parent's copy."""
+    server = app_server_factory("kernel")
+    conn = make_conn(plaintext(server.address), liveness="keepalive")
+    conn.connect(timeout=10)
+    assert conn.stats().backends_ready == 1
+    for n in range(5):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                conn.connect(timeout=10)
+                work_response(WorkStub(conn.channel()).unary(work_request(f"c{n}"), timeout=10))
+                os.write(write, repr(conn.stats().backends_ready).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        with os.fdopen(read) as pipe:
+            answer = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, n
+        assert answer == "1", (n, answer)
+    assert conn.stats().backends_ready == 1
+
+
 @pytest.mark.timeout(60)
 def test_the_child_registry_works_even_if_its_lock_was_held(make_conn, app_server_factory):
     server = app_server_factory("kernel")

@@ -133,8 +133,10 @@ def _server_credentials(
     )
 
 
-def _self_signed(names: list[str]) -> tuple[bytes, bytes]:
-    """(key, certificate) PEM of a self-signed certificate, as a development kernel has."""
+def _self_signed(names: list[str], *, key_ids: bool = False) -> tuple[bytes, bytes]:
+    """(key, certificate) PEM of a self-signed certificate, as a development kernel has
+    (``key_ids``: with subject and authority key identifiers, as ``dotnet dev-certs``
+    makes them)."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
     alt: list[x509.GeneralName] = []
@@ -144,7 +146,7 @@ def _self_signed(names: list[str]) -> tuple[bytes, bytes]:
         except ValueError:
             alt.append(x509.DNSName(name))
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(subject)
@@ -153,8 +155,13 @@ def _self_signed(names: list[str]) -> tuple[bytes, bytes]:
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-        .sign(key, hashes.SHA256())
     )
+    if key_ids:
+        public = key.public_key()
+        builder = builder.add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(public), critical=False
+        ).add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
+    cert = builder.sign(key, hashes.SHA256())
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -341,6 +348,31 @@ def test_unusable_files_are_a_configuration_error_naming_the_file(
 
 
 # ---------------------------------------------------------------------------- skip validation
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("first", [True, False], ids=["name-first", "address-first"])
+def test_skip_tls_validation_pins_every_host_s_certificate(servers, capture, first) -> None:
+    """Several development kernels, each with a self-signed certificate of its own for
+    localhost and 127.0.0.1 (and one more name): every host's certificate is trusted,
+    not only the first's, so round robin uses them all."""
+    for name in ("kernel-a.local", "kernel-b.local", "kernel-c.local"):
+        key, cert = _self_signed(
+            [name, "localhost", "127.0.0.1"][:: 1 if first else -1], key_ids=not first
+        )
+        servers.append(Server(grpc.ssl_server_credentials([(key, cert)])))
+    hosts = ",".join(f"127.0.0.1:{server.port}" for server in servers)
+    text = f"chronicle://{hosts}?skipTlsValidation=true&loadBalancer=round-robin"
+    with cc.Connection(text, reconnect_base_delay=0.05, reconnect_max_delay=0.5) as conn:
+        conn.connect(timeout=10)
+        deadline = time.monotonic() + 10
+        while conn.stats().backends_ready != 3 and time.monotonic() < deadline:
+            _check(conn.channel())
+        assert conn.stats().backends_ready == 3
+        for _ in range(9):
+            _check(conn.channel())
+    [warning] = capture.named("tls_validation_skipped")[:1]
+    assert all(f"127.0.0.1:{server.port}" in warning["host"] for server in servers)
 
 
 @pytest.mark.timeout(30)

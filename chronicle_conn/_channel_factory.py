@@ -7,6 +7,7 @@ One factory per connection; every generation and every candidate channel comes f
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import re
 import threading
@@ -72,9 +73,10 @@ class ChannelFactory:
     """Makes fresh channels for one connection. Thread-safe.
 
     Security is settled here, on the constructing thread: the TLS files are read and
-    checked, and credentials become an interceptor that every channel carries. Only
-    ``build()`` with ``skipTlsValidation`` and :meth:`authenticate` do I/O, on the
-    supervisor thread.
+    checked, and credentials become an interceptor that every channel carries.
+    :meth:`resolve`, :meth:`fetch_pin`, :meth:`authenticate` and :meth:`diagnose` do
+    I/O (the dialer runs them on a short-lived thread of their own); ``build()`` does
+    none.
 
     Args:
         config: the connection's configuration.
@@ -247,8 +249,8 @@ class ChannelFactory:
     ) -> tuple[tuple[str, Any], ...]:
         own = [*self._own, ("grpc.service_config", _json(self.service_config()))]
         if pin is not None and pin.options:
-            # A name the pinned certificates carry, which is then the authority too
-            # (gRPC refuses calls whose authority differs from it).
+            # A name the pinned certificates carry: gRPC checks it, and sends it as the
+            # authority (ours would be one the certificates lack).
             own.extend(pin.options)
         elif resolution is not None and resolution.authority and not self._user_authority:
             # Resolved addresses lost the name: TLS checks the certificate against it.
@@ -326,33 +328,42 @@ class ChannelFactory:
         forked = pid != self._pid
         return _channelz.backends_ready(resolution.target, newest=forked)
 
-    def fetch_pin(self, deadline: float) -> _Pin:
-        """``skipTlsValidation``: the certificates the hosts present now, to trust exactly
-        those under a name they carry (blocks, until ``deadline``, a
-        ``time.monotonic()`` value). Every host is asked at once; one that does not
-        answer is left out (it cannot be dialed then). Logs a warning each time.
+    def fetch_pin(self, deadline: float, resolution: Resolution | None = None) -> _Pin:
+        """``skipTlsValidation``: the certificates the hosts of ``resolution`` (default:
+        the latest) present now, to trust exactly those under a name they carry
+        (blocks, until ``deadline``, a ``time.monotonic()`` value). Every host is asked
+        at once, for at most half the time left, so that the attempt keeps time to
+        dial; one that does not answer is left out (it cannot be dialed then). Logs a
+        warning each time.
 
-        One channel checks every server against one name: the first host's, if every
-        certificate fetched carries it, else a name they all carry; without one, the
-        servers whose certificate lacks it are refused (each kernel's certificate
-        should carry a common name, as a development kernel's ``localhost`` does).
+        One channel checks every server against one name: the name it would check
+        anyway (the authority: the first host) if every certificate fetched carries it,
+        else a name they all carry, else a name the first answering host's carries
+        (then the servers whose certificate lacks it are refused; each kernel's
+        certificate should carry a common name, as a development kernel's
+        ``localhost``).
 
         Raises:
             OSError: no host presented a certificate (the last host's error).
         """
         tls = self._tls_module
-        endpoints = self.resolution.endpoints if self.resolution is not None else ()
+        resolution = resolution or self.resolution
+        endpoints = resolution.endpoints if resolution is not None else ()
         results: dict[tuple[str, int], Any] = {}
         lock = threading.Lock()
+        now = time.monotonic()
+        until = now + max(0.0, deadline - now) / 2
 
         def fetch(endpoint: tuple[str, int]) -> None:
             host, port = endpoint
             outcome: Any
             try:
-                remaining = max(0.001, deadline - time.monotonic())
+                remaining = max(0.001, until - time.monotonic())
                 outcome = tls.fetch_certificate(host, port, remaining, material=self.material)
-            except (OSError, ValueError) as exc:
-                outcome = exc if isinstance(exc, OSError) else OSError(str(exc))
+            except OSError as exc:
+                outcome = exc
+            except Exception as exc:  # never out of the thread
+                outcome = OSError(str(exc) or repr(exc))
             with lock:
                 results[endpoint] = outcome
 
@@ -363,7 +374,7 @@ class ChannelFactory:
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            thread.join(max(0.0, until - time.monotonic()))
         with lock:
             found = [(e, results.get(e)) for e in endpoints]
         fetched = [(e, info) for e, info in found if isinstance(info, tls.CertificateInfo)]
@@ -371,20 +382,29 @@ class ChannelFactory:
             errors = [info for _, info in found if isinstance(info, OSError)]
             error = errors[-1] if errors else OSError("no host answered in time")
             raise OSError(f"skipTlsValidation: could not fetch the server's certificate: {error}")
-        (host, _), first = fetched[0]
-        name = tls.target_name(host, first.names)
-        if name is not None and not all(name in info.names for _, info in fetched[1:]):
-            common = [n for n in first.names if all(n in i.names for _, i in fetched[1:])]
-            name = common[0] if common else name
+        infos = [info for _, info in fetched]
+        # The name the channel checks without an override: its authority's host.
+        checked = (
+            authority_host(resolution.authority)
+            if resolution is not None and resolution.authority
+            else endpoints[0][0]
+        )
+        if all(checked in info.names for info in infos):
+            name: str | None = checked
+        else:
+            common = [n for n in infos[0].names if all(n in i.names for i in infos[1:])]
+            by_name = [n for n in common if not _is_ip(n)]
+            (first_host, _), first = fetched[0]
+            name = (by_name or common or [tls.target_name(first_host, first.names)])[0]
         self._log.warning(
             "tls_validation_skipped",
             host=", ".join(_targets.address(h, p) for (h, p), _ in fetched),
-            certificate_for="; ".join(", ".join(i.names) or "unknown" for _, i in fetched),
+            certificate_for="; ".join(", ".join(i.names) or "unknown" for i in infos),
             hint="skipTlsValidation=true trusts whatever certificate the server presents",
         )
-        pems = list(dict.fromkeys(info.pem for _, info in fetched))
+        pems = list(dict.fromkeys(info.pem for info in infos))
         options: tuple[tuple[str, Any], ...] = ()
-        if name is not None and name != host and not self._user_name_override:
+        if name is not None and name != checked and not self._user_name_override:
             options = (("grpc.ssl_target_name_override", name),)
         return _Pin(b"\n".join(pems), options)
 
@@ -417,7 +437,7 @@ class ChannelFactory:
         server_name = options.get("grpc.ssl_target_name_override")
         authority = options.get("grpc.default_authority")
         if server_name is None and isinstance(authority, str):
-            server_name = authority.rpartition(":")[0].strip("[]") or None
+            server_name = authority_host(authority) or None
         shown = None
         if resolution is not None and len(resolution.endpoints) == 1:
             shown = resolution.authority or resolution.addresses[0]
@@ -484,6 +504,23 @@ class ChannelFactory:
         if unavailable is not None:
             _close_unavailable(channel, unavailable)
         channel.close()
+
+
+def authority_host(authority: str) -> str:
+    """The host of an authority: ``kernel:35000`` -> ``kernel``, ``[::1]:35000`` ->
+    ``::1``; one without a port is all host."""
+    if authority.startswith("["):
+        return authority[1 : authority.find("]")] if "]" in authority else authority
+    host, colon, port = authority.rpartition(":")
+    return host if colon and port.isdigit() and ":" not in host else authority
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _close_unavailable(channel: grpc.Channel, details: str) -> None:

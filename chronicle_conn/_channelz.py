@@ -5,9 +5,11 @@ as JSON, through ``cygrpc``. It is read only when ``stats()`` asks, never while 
 channel is built (a forked child whose gRPC skipped its fork handlers must not touch
 it to connect). The channel is found by its target, so the answer is None when the
 process has several channels to that target (except in a forked child, where the
-newest is taken: the parent's, copied into the child, are older). A backend that is connected but
-NOT_SERVING (client-side health checking) still counts as ready: channelz reports the
-transport. Every function answers None when channelz cannot tell.
+newest is taken: the parent's, copied into the child, are older; another connection
+of the child's to the same target, built later, would be read instead). A backend
+that is connected but NOT_SERVING (client-side health checking) still counts as
+ready: channelz reports the transport. Every function answers None when channelz
+cannot tell.
 """
 
 from __future__ import annotations

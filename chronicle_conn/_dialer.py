@@ -128,7 +128,7 @@ class Dialer:
                 return AttemptFailed(f"could not resolve the hosts: {resolution!r}")
         pin = None
         if factory.pins:  # skipTlsValidation: the server's certificate, first
-            pin = self._io(lambda: factory.fetch_pin(wall_deadline), wall_deadline)
+            pin = self._io(lambda: factory.fetch_pin(wall_deadline, resolution), wall_deadline)
             if isinstance(pin, AttemptFailed):
                 return pin
             if isinstance(pin, OSError):
@@ -443,6 +443,8 @@ class Dialer:
                 return None, Interrupted()
             if monitor.code is grpc.StatusCode.UNAUTHENTICATED:
                 return None, Refused(AuthenticationError(self._refused_message(error)))
+            if monitor.code is grpc.StatusCode.UNAVAILABLE:  # the transport is down
+                return None, Unreachable(error or f"{candidate.value}: unavailable")
             if status is MonitorStatus.UNSUPPORTED:
                 core.log.debug("liveness_unsupported", mode=candidate.value, error=error)
                 last = error

@@ -665,7 +665,11 @@ class Supervisor:
         for attempt in range(tries):
             if attempt:
                 with core.cond:
-                    core.cond.wait_for(self._stopping, _VERIFY_PAUSE * attempt)
+                    core.cond.wait_for(
+                        lambda: self._stopping() or core.fork_hold, _VERIFY_PAUSE * attempt
+                    )
+                    if core.fork_hold:
+                        return Interrupted()  # verified again after the fork
                 if self._stopping():
                     return None
             failure = self.dialer.probe(gen.channel, core.clock() + core.config.attempt_timeout)

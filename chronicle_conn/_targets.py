@@ -4,7 +4,8 @@ gRPC's own resolver and load-balancing policies are the engine; this module only
 a connection string into one target gRPC understands:
 
 - one host by name: ``dns:///host:port`` (gRPC resolves it, and re-resolves it itself);
-- IP literals: an ``ipv4:`` / ``ipv6:`` address list;
+- IP literals: an ``ipv4:`` / ``ipv6:`` address list (several: the first address is
+  the authority, the name TLS checks);
 - several hosts, some by name: each name resolved now (both families) into one address
   list, in the order the hosts were given (what ``pick_first`` tries first). IPv4 and
   IPv6 together become an ``ipv6:`` list with IPv4-mapped addresses, which gRPC dials
@@ -62,7 +63,7 @@ class Resolution:
         endpoints: ``(host, port)`` to reach each server directly (a certificate fetch,
             a TLS diagnosis), in order.
         authority: the channel's ``grpc.default_authority`` when the target lost the
-            host name (resolved addresses), else None.
+            host name (resolved addresses) or lists several addresses, else None.
         servers: an SRV look-up's targets, ``(name, port)`` in its order (where the
             kernels' token endpoints are); empty otherwise.
     """
@@ -181,6 +182,8 @@ def lookup_many(
                     outcome.append(address)
         except OSError as exc:
             outcome = " ".join(str(exc.strerror or exc).split())[:120]
+        except Exception as exc:  # never out of the thread: the name counts as unresolved
+            outcome = " ".join(repr(exc).split())[:120]
         with lock:
             results[host] = outcome
 

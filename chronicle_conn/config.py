@@ -260,7 +260,9 @@ class ConnectionConfig:
         self._check_files()
 
     def method_config(self) -> list[dict[str, Any]]:
-        """The service config's ``methodConfig``: the retry policy for ``retry_methods``."""
+        """The service config's ``methodConfig``: the retry policy for ``retry_methods``,
+        and an entry without one for the library's own methods (:data:`LIBRARY_METHODS`),
+        which wins over ``"*"`` and whole services."""
         if not self.retry_methods or not self.call_retries:
             return []
         names: list[dict[str, str]] = []

@@ -124,7 +124,9 @@ class Connection:
         retry_methods: the gRPC methods safe to run twice, which gRPC itself retries
             on ``UNAVAILABLE`` (``"package.Service/Method"``, ``"package.Service"``,
             ``"*"``); default: the kernel's read-only methods
-            (:data:`~chronicle_conn.config.DEFAULT_RETRY_METHODS`); ``()``: none.
+            (:data:`~chronicle_conn.config.DEFAULT_RETRY_METHODS`); ``()``: none. The
+            library's own calls (health, the keep-alive stream) are never retried;
+            naming one is a ``ConfigurationError``.
         call_retries: how many times gRPC retries those (0 to 4).
         grpc_options: extra channel arguments (win over the library's own).
         retry_attempts: retries after a failed first attempt before FAILED; None: forever.
@@ -440,7 +442,7 @@ class Connection:
         stats = core.stats()
         factory = self._supervisor.dialer.factory
         gen = core.current
-        resolution = factory.resolution if gen is None else factory.resolution_of(gen.channel)
+        resolution = (gen and factory.resolution_of(gen.channel)) or factory.resolution
         return dataclasses.replace(
             stats,
             addresses=resolution.addresses if resolution is not None else (),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -373,6 +374,45 @@ def test_skip_tls_validation_pins_every_host_s_certificate(servers, capture, fir
             _check(conn.channel())
     [warning] = capture.named("tls_validation_skipped")[:1]
     assert all(f"127.0.0.1:{server.port}" in warning["host"] for server in servers)
+
+
+@pytest.mark.timeout(60)
+def test_skip_tls_validation_fails_over_past_a_dead_first_host(servers) -> None:
+    """The first host (by name) is down; the live one's certificate names its address
+    and another name, not the first host's: the channel checks it against a name it
+    carries (not the authority it lacks), and pick-first reaches it."""
+    key, cert = _self_signed(["127.0.0.1", "kernel-b.local"], key_ids=True)
+    live = Server(grpc.ssl_server_credentials([(key, cert)]))
+    servers.append(live)
+    with socket.socket() as spare:  # a port nobody listens on
+        spare.bind(("127.0.0.1", 0))
+        dead = spare.getsockname()[1]
+    text = f"chronicle://localhost:{dead},127.0.0.1:{live.port}?skipTlsValidation=true"
+    with cc.Connection(text, reconnect_base_delay=0.05, reconnect_max_delay=0.5) as conn:
+        conn.connect(timeout=10)
+        for _ in range(5):
+            _check(conn.channel())
+
+
+@pytest.mark.timeout(60)
+def test_skip_tls_validation_is_not_held_up_by_a_silent_host(servers) -> None:
+    """A host that accepts the TCP connection and never answers the TLS handshake: the
+    certificates are fetched for at most half the attempt, and round robin connects to
+    the host that answers."""
+    key, cert = _self_signed(["localhost", "127.0.0.1"], key_ids=True)
+    live = Server(grpc.ssl_server_credentials([(key, cert)]))
+    servers.append(live)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # never accepted: the handshake gets no answer
+        hosts = f"127.0.0.1:{silent.getsockname()[1]},127.0.0.1:{live.port}"
+        text = f"chronicle://{hosts}?skipTlsValidation=true&loadBalancer=round-robin"
+        with cc.Connection(
+            text, attempt_timeout=2.0, reconnect_base_delay=0.05, reconnect_max_delay=0.5
+        ) as conn:
+            conn.connect(timeout=15)
+            for _ in range(5):
+                _check(conn.channel())
 
 
 @pytest.mark.timeout(30)

@@ -7,10 +7,8 @@ One factory per connection; every generation and every candidate channel comes f
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import re
-import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -349,38 +347,18 @@ class ChannelFactory:
         tls = self._tls_module
         resolution = resolution or self.resolution
         endpoints = resolution.endpoints if resolution is not None else ()
-        results: dict[tuple[str, int], Any] = {}
-        lock = threading.Lock()
         now = time.monotonic()
         until = now + max(0.0, deadline - now) / 2
 
-        def fetch(endpoint: tuple[str, int]) -> None:
-            host, port = endpoint
-            outcome: Any
-            try:
-                remaining = max(0.001, until - time.monotonic())
-                outcome = tls.fetch_certificate(host, port, remaining, material=self.material)
-            except OSError as exc:
-                outcome = exc
-            except Exception as exc:  # never out of the thread
-                outcome = OSError(str(exc) or repr(exc))
-            with lock:
-                results[endpoint] = outcome
+        def fetch(endpoint: tuple[str, int]) -> Any:
+            remaining = max(0.001, until - time.monotonic())
+            return tls.fetch_certificate(*endpoint, remaining, material=self.material)
 
-        threads = [
-            threading.Thread(target=fetch, args=(e,), name="chronicle_conn-pin", daemon=True)
-            for e in endpoints
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(max(0.0, until - time.monotonic()))
-        with lock:
-            found = [(e, results.get(e)) for e in endpoints]
-        fetched = [(e, info) for e, info in found if isinstance(info, tls.CertificateInfo)]
+        found = _targets.each_at_once(fetch, endpoints, until, "chronicle_conn-pin")
+        fetched = [(e, info) for e, info in found.items() if isinstance(info, tls.CertificateInfo)]
         if not fetched:
-            errors = [info for _, info in found if isinstance(info, OSError)]
-            error = errors[-1] if errors else OSError("no host answered in time")
+            errors = [info for info in found.values() if isinstance(info, Exception)]
+            error = errors[-1] if errors else "no host answered in time"
             raise OSError(f"skipTlsValidation: could not fetch the server's certificate: {error}")
         infos = [info for _, info in fetched]
         # The name the channel checks without an override: its authority's host.
@@ -389,13 +367,12 @@ class ChannelFactory:
             if resolution is not None and resolution.authority
             else endpoints[0][0]
         )
-        if all(checked in info.names for info in infos):
-            name: str | None = checked
-        else:
-            common = [n for n in infos[0].names if all(n in i.names for i in infos[1:])]
-            by_name = [n for n in common if not _is_ip(n)]
-            (first_host, _), first = fetched[0]
-            name = (by_name or common or [tls.target_name(first_host, first.names)])[0]
+        common = tuple(n for n in infos[0].names if all(n in i.names for i in infos[1:]))
+        (first_host, _), first = fetched[0]
+        # The checked name when all carry it, else a name (DNS first) they all carry.
+        name: str | None = (
+            tls.target_name(checked, common) if common else tls.target_name(first_host, first.names)
+        )
         self._log.warning(
             "tls_validation_skipped",
             host=", ".join(_targets.address(h, p) for (h, p), _ in fetched),
@@ -513,14 +490,6 @@ def authority_host(authority: str) -> str:
         return authority[1 : authority.find("]")] if "]" in authority else authority
     host, colon, port = authority.rpartition(":")
     return host if colon and port.isdigit() and ":" not in host else authority
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _close_unavailable(channel: grpc.Channel, details: str) -> None:

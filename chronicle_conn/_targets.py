@@ -28,8 +28,9 @@ import ipaddress
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from .connection_string import ConnectionString
 
@@ -38,11 +39,15 @@ __all__ = [
     "Resolution",
     "UnresolvedError",
     "address",
+    "each_at_once",
     "is_grpc_target",
     "lookup_many",
     "resolve",
     "static",
 ]
+
+_T = TypeVar("_T", bound=Hashable)
+_R = TypeVar("_R")
 
 #: The target forms of grpc's own resolvers that ``server_address`` accepts as they are.
 GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "xds:", "vsock:")
@@ -169,34 +174,52 @@ def lookup_many(
     Returns, per host, its IPv4 and IPv6 addresses in the resolver's order without
     repeats, the error's text, or None (no answer in time).
     """
-    results: dict[str, list[str] | str] = {}
+
+    def addresses(host: str) -> list[str]:
+        found: list[str] = []
+        for family, _, _, _, sockaddr in socket.getaddrinfo(host, None, type=socktype):
+            ip = str(sockaddr[0]).split("%", 1)[0]
+            if family in (socket.AF_INET, socket.AF_INET6) and ip not in found:
+                found.append(ip)
+        return found
+
+    results = each_at_once(addresses, hosts, deadline, "chronicle_conn-resolve")
+    return {host: _outcome(result) for host, result in results.items()}
+
+
+def _outcome(result: list[str] | Exception | None) -> list[str] | str | None:
+    if not isinstance(result, Exception):
+        return result
+    text = str(result.strerror or result) if isinstance(result, OSError) else repr(result)
+    return " ".join(text.split())[:120]
+
+
+def each_at_once(
+    work: Callable[[_T], _R], items: Sequence[_T], deadline: float, name: str
+) -> dict[_T, _R | Exception | None]:
+    """``work(item)`` for every item, each on a daemon thread of its own (socket I/O
+    with no timeout of its own, or one to cut short), until ``deadline`` (a
+    ``time.monotonic()`` value). Returns, per item in order, its result, the exception
+    it raised, or None (still running then: left to finish alone)."""
+    results: dict[_T, _R | Exception] = {}
     lock = threading.Lock()
 
-    def run(host: str) -> None:
-        outcome: list[str] | str
+    def run(item: _T) -> None:
+        outcome: _R | Exception
         try:
-            outcome = []
-            for family, _, _, _, sockaddr in socket.getaddrinfo(host, None, type=socktype):
-                address = str(sockaddr[0]).split("%", 1)[0]
-                if family in (socket.AF_INET, socket.AF_INET6) and address not in outcome:
-                    outcome.append(address)
-        except OSError as exc:
-            outcome = " ".join(str(exc.strerror or exc).split())[:120]
-        except Exception as exc:  # never out of the thread: the name counts as unresolved
-            outcome = " ".join(repr(exc).split())[:120]
+            outcome = work(item)
+        except Exception as exc:  # never out of the thread: the caller judges it
+            outcome = exc
         with lock:
-            results[host] = outcome
+            results[item] = outcome
 
-    threads = [
-        threading.Thread(target=run, args=(host,), name="chronicle_conn-resolve", daemon=True)
-        for host in hosts
-    ]
+    threads = [threading.Thread(target=run, args=(i,), name=name, daemon=True) for i in items]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
     with lock:
-        return {host: results.get(host) for host in hosts}
+        return {item: results.get(item) for item in items}
 
 
 def _resolution(

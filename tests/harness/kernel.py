@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, ClassVar
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self is 3.11+
 
 __all__ = [
+    "EOF",
     "KernelCommandError",
     "KernelError",
     "KernelProcess",
@@ -39,12 +40,14 @@ __all__ = [
     "ServerProcessError",
     "ServerStartError",
     "StoppingServer",
+    "pump_lines",
+    "spawn_child",
 ]
 
 LISTENING = re.compile(r"^chronicle-conn dev-server listening on (?P<host>\S+):(?P<port>\d+)$")
 _BIND_FAILURE = re.compile(r"bind|address already in use", re.IGNORECASE)
 _REPO_ROOT = Path(__file__).resolve().parents[2]
-_EOF = object()  # queued by the reader thread when the child's stdout closes
+EOF = object()  # queued by the reader thread when the child's stdout closes
 _STDERR_TAIL = 6000
 
 
@@ -331,8 +334,8 @@ class ServerProcess:
                 raise ServerCommandError(
                     self._describe(f"no answer to {cmd!r} within {timeout}s", child)
                 ) from None
-            if line is _EOF:
-                child.lines.put(_EOF)  # keep telling later readers
+            if line is EOF:
+                child.lines.put(EOF)  # keep telling later readers
                 child.proc.wait(timeout=5)
                 raise ServerCommandError(self._describe(f"child exited during {cmd!r}", child))
             answer = _json_object(line)
@@ -374,31 +377,13 @@ class ServerProcess:
             )
         number = len(self._children) + 1
         stderr_path = self._stderr_dir / f"child-{number}.stderr"
-        env = dict(os.environ)
-        env["PYTHONUNBUFFERED"] = "1"  # the listening line must not sit in a pipe buffer
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(_REPO_ROOT), env.get("PYTHONPATH", "")) if p
-        )
-        env.update(self._env)
         argv = tuple(self.build_argv())
-        with open(stderr_path, "ab") as stderr:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                text=True,
-                encoding="utf-8",
-                errors="replace",
-                bufsize=1,
-                env=env,
-                cwd=str(_REPO_ROOT),
-            )
+        proc = spawn_child(argv, stderr_path, self._env)
         self.starts += 1
         assert proc.stdout is not None
         lines: queue.Queue[Any] = queue.Queue()
         reader = threading.Thread(
-            target=_pump_lines,
+            target=pump_lines,
             args=(proc.stdout, lines),
             name=f"{type(self).__name__}[{self.port}]-stdout-{proc.pid}",
             daemon=True,
@@ -419,7 +404,7 @@ class ServerProcess:
                 raise ServerStartError(
                     self._describe(f"no listening line within {timeout:.1f}s (killed)", child)
                 ) from None
-            if line is _EOF:
+            if line is EOF:
                 self._reap(child, 5.0, "start")
                 raise ServerStartError(
                     self._describe(f"exited with {child.proc.returncode} before listening", child)
@@ -594,15 +579,42 @@ def _read_text(path: Path) -> str:
         return ""
 
 
-def _pump_lines(stream: IO[str], lines: queue.Queue[Any]) -> None:
-    """Move the child's stdout into a queue, line by line, until EOF."""
+def spawn_child(
+    argv: Sequence[str], stderr_path: Path, env: Mapping[str, str]
+) -> subprocess.Popen[str]:
+    """Start a Python child of the tests: the repository importable, stdout unbuffered
+    (its lines must not sit in a pipe buffer), stdin and stdout text pipes, stderr
+    appended to ``stderr_path``; ``env`` on top of this process's environment."""
+    full = dict(os.environ)
+    full["PYTHONUNBUFFERED"] = "1"
+    full["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(_REPO_ROOT), full.get("PYTHONPATH", "")) if p
+    )
+    full.update(env)
+    with open(stderr_path, "ab") as stderr:
+        return subprocess.Popen(
+            list(argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            bufsize=1,
+            env=full,
+            cwd=str(_REPO_ROOT),
+        )
+
+
+def pump_lines(stream: IO[str], lines: queue.Queue[Any]) -> None:
+    """Move the child's stdout into a queue, line by line, then :data:`EOF`."""
     try:
         for line in stream:
             lines.put(line.rstrip("\r\n"))
     except (OSError, ValueError):
         pass  # closed under us
     finally:
-        lines.put(_EOF)
+        lines.put(EOF)
 
 
 def _json_object(line: str) -> dict[str, Any] | None:

@@ -46,7 +46,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, wrappers_pb2
@@ -66,6 +66,8 @@ except ImportError as exc:  # the test extra's xds-protos is not installed
     _PROTOS_MISSING: ImportError | None = exc
 else:
     _PROTOS_MISSING = None
+
+from .kernel import EOF, pump_lines, spawn_child
 
 __all__ = [
     "CLUSTER",
@@ -89,8 +91,6 @@ CLUSTER = _PREFIX + "envoy.config.cluster.v3.Cluster"  # CDS
 ENDPOINTS = _PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"  # EDS
 
 _WAKE = 0.5  # a stream's loop looks at its call at least this often (seconds)
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-_EOF = object()  # queued by the client process's reader when its stdout closes
 
 
 def require_xds_protos() -> None:
@@ -456,29 +456,11 @@ class XdsClientProcess:
 
     def start(self, timeout: float = 15.0) -> XdsClientProcess:
         """Spawn the child and wait for its ready line."""
-        env = dict(os.environ)
-        env["PYTHONUNBUFFERED"] = "1"
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(_REPO_ROOT), env.get("PYTHONPATH", "")) if p
-        )
-        env.update(self._env)
         argv = [sys.executable, "-m", "tests.harness.xds", "--target", self.target]
-        with open(self._stderr_path, "ab") as stderr:
-            self._proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                text=True,
-                encoding="utf-8",
-                errors="replace",
-                bufsize=1,
-                env=env,
-                cwd=str(_REPO_ROOT),
-            )
+        self._proc = spawn_child(argv, self._stderr_path, self._env)
         assert self._proc.stdout is not None
         self._reader = threading.Thread(
-            target=_pump, args=(self._proc.stdout, self._lines), name="xds-client-stdout"
+            target=pump_lines, args=(self._proc.stdout, self._lines), name="xds-client-stdout"
         )
         self._reader.daemon = True
         self._reader.start()
@@ -551,8 +533,8 @@ class XdsClientProcess:
                 raise XdsClientError(
                     self._describe(f"no answer to {cmd!r} in {timeout}s")
                 ) from None
-            if line is _EOF:
-                self._lines.put(_EOF)
+            if line is EOF:
+                self._lines.put(EOF)
                 raise XdsClientError(self._describe(f"the client exited during {cmd!r}"))
             try:
                 answer = json.loads(line)
@@ -567,16 +549,6 @@ class XdsClientProcess:
     def _describe(self, what: str) -> str:
         tail = self.stderr_text()[-6000:]
         return f"xds client {self.target}: {what}\n--- stderr ---\n{tail or '(empty)'}"
-
-
-def _pump(stream: IO[str], lines: queue.Queue[Any]) -> None:
-    try:
-        for line in stream:
-            lines.put(line.rstrip("\r\n"))
-    except (OSError, ValueError):
-        pass  # closed under us
-    finally:
-        lines.put(_EOF)
 
 
 # -- the child: one Connection, driven over stdin ----------------------------------------------
